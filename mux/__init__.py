@@ -1,0 +1,30 @@
+"""mux: the small library behind the data-multiplexing course.
+
+Every method is a composition (see README.md):
+inputs (N) -> front -> multiplexer -> shared backbone -> demultiplexer -> head -> N predictions.
+
+- ``mux.grouping``: batches of instances <-> tuples of N, the padding policy
+- ``mux.multiplexers``: ways of mixing N instances into one representation
+- ``mux.demultiplexers``: ways of recovering N representations from one
+- ``mux.models``: one file per method (``datamux`` so far)
+- ``mux.train`` / ``mux.evaluate``: the Accelerate training loop and every-example evaluation
+- ``mux.params``, ``mux.reporting``, ``mux.plots``, ``mux.env``: notebook support
+"""
+from .demultiplexers import MLPDemultiplexer
+from .env import pick_device, versions
+from .evaluate import evaluate, predict, predict_logits
+from .grouping import check_n, group, multiplexed_forward, pad_to_multiple, ungroup
+from .models import DataMUXClassifier, DataMUXConfig
+from .multiplexers import (
+    MULTIPLEXERS,
+    BinaryHadamardMultiplexer,
+    GaussianHadamardMultiplexer,
+    Multiplexer,
+    OrthogonalMultiplexer,
+    make_multiplexer,
+)
+from .params import ParameterError, check_parameters
+from .reporting import paper_vs_ours, read_metrics, summary_table, write_metrics
+from .train import TrainConfig, TrainResult, latest_checkpoint, load_weights, model_fingerprint, seed_everything, train
+
+__version__ = "0.1.0"

@@ -1,0 +1,86 @@
+"""``python -m mux.course``: run the course notebooks headless and summarise their metrics.
+
+    python -m mux.course run [--notebooks notebooks] [--out outputs] [-p NAME VALUE]... [-f params.yaml]
+    python -m mux.course summary [--out outputs]
+
+``run`` executes every ``NN_*.ipynb`` with papermill (in the notebook's folder, as
+JupyterLab would), writes the executed copies to ``<out>/executed/`` and the metrics to
+``<out>/metrics/``, then prints one table of every notebook's headline metrics. Parameters
+given with ``-p``/``-f`` go to the notebooks that declare them.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .reporting import read_metrics, summary_table
+
+__all__ = ["course_notebooks", "run_course", "main"]
+
+
+def course_notebooks(folder: str | Path) -> list[Path]:
+    """The numbered notebooks ``NN_*.ipynb`` in ``folder``, in teaching order."""
+    return sorted(p for p in Path(folder).glob("[0-9][0-9]_*.ipynb"))
+
+
+def _parse_value(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def run_course(notebooks: str | Path, out: str | Path, parameters: dict | None = None, only: list[str] | None = None) -> dict:
+    """Execute the course notebooks with papermill; return ``{stem: seconds}``."""
+    import papermill as pm
+
+    out = Path(out).resolve()
+    books = course_notebooks(notebooks)
+    if only:
+        books = [b for b in books if any(b.stem.startswith(o) for o in only)]
+    if not books:
+        raise SystemExit(f"no notebooks named NN_*.ipynb found in {notebooks!r} (filter: {only})")
+    timings = {}
+    for book in books:
+        declared = pm.inspect_notebook(str(book))
+        params = {"out_dir": str(out / "metrics")}
+        params.update({k: v for k, v in (parameters or {}).items() if k in declared})
+        print(f"==> {book.name}  {params}", flush=True)
+        started = time.perf_counter()
+        pm.execute_notebook(
+            str(book), str(out / "executed" / book.name), parameters=params,
+            cwd=str(book.parent), kernel_name="python3", progress_bar=False,
+        )
+        timings[book.stem] = time.perf_counter() - started
+        print(f"    done in {timings[book.stem]:.0f} s", flush=True)
+    return timings
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mux.course", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="execute the notebooks and print the summary")
+    run.add_argument("--notebooks", default="notebooks")
+    run.add_argument("--out", default="outputs")
+    run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
+    run.add_argument("-f", "--parameters-file", help="YAML file of parameters")
+    run.add_argument("--only", nargs="*", help="notebook name prefixes to run, e.g. 01")
+    summ = sub.add_parser("summary", help="print the summary of an earlier run")
+    summ.add_argument("--out", default="outputs")
+    args = parser.parse_args(argv)
+
+    if args.command == "run":
+        import yaml
+
+        params = yaml.safe_load(Path(args.parameters_file).read_text()) if args.parameters_file else {}
+        params.update({k: _parse_value(v) for k, v in args.parameter})
+        timings = run_course(args.notebooks, args.out, params, args.only)
+        print("\nrun time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    metrics = read_metrics(Path(args.out) / "metrics")
+    print("\n" + summary_table(metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

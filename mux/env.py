@@ -1,0 +1,40 @@
+"""Environment helpers for the notebooks: device choice and a version report."""
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+
+import torch
+
+__all__ = ["pick_device", "versions"]
+
+COURSE_PACKAGES = (
+    "torch", "torchvision", "timm", "transformers", "accelerate", "scikit-learn",
+    "matplotlib", "ipywidgets", "tqdm", "papermill",
+)
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    """``"auto"`` picks cuda, then mps, then cpu; any other value is used as given (and checked)."""
+    if preference == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(preference)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={preference!r} was asked for but CUDA is not available; use 'auto' or 'cpu'")
+    return device
+
+
+def versions(packages=COURSE_PACKAGES) -> dict[str, str]:
+    """Installed versions of the course's main packages (and Python), for the set-up cell."""
+    found = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found

@@ -1,0 +1,102 @@
+"""DataMUX image classifiers with an MLP or a small CNN backbone (Murahari et al., 2022).
+
+    N images -> shared front (per image) -> multiplexer (fixed phi_i, mean over N)
+             -> backbone (one pass for all N) -> MLP demultiplexer -> shared head -> N logits
+
+MLP backbone: the front flattens each image and embeds it in d dimensions; the
+multiplexer mixes the N embeddings into one d-vector; the backbone is ``depth`` layers of
+Linear(d, d) + GELU.
+
+CNN backbone: the front is a 3x3 convolution to d channels; the multiplexer mixes the N
+feature maps at every pixel over the channel dimension (for the orthogonal multiplexer that
+is a fixed 1x1 convolution per instance); the backbone is ``depth`` blocks of 3x3
+convolution + GELU (with 2x2 max-pooling while the map is at least 8 pixels wide) and a
+global average pool. Demultiplexing happens on the pooled d-vector.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from torch import Tensor, nn
+
+from ..demultiplexers import MLPDemultiplexer
+from ..grouping import check_n
+from ..multiplexers import MULTIPLEXERS, make_multiplexer
+
+__all__ = ["DataMUXConfig", "DataMUXClassifier"]
+
+BACKBONES = ("mlp", "cnn")
+
+
+@dataclass
+class DataMUXConfig:
+    """Everything that defines a DataMUX classifier; saved with every checkpoint."""
+
+    n_mux: int = 2  # N: instances per forward pass
+    backbone: str = "mlp"  # "mlp" or "cnn"
+    multiplexer: str = "orthogonal"  # a key of mux.MULTIPLEXERS
+    in_shape: tuple[int, int, int] = (1, 8, 8)  # (C, H, W) of one image
+    num_classes: int = 10
+    width: int = 128  # d: embedding size (MLP) or channels (CNN)
+    depth: int = 2  # backbone layers (MLP) or conv blocks (CNN)
+    mux_seed: int = 0  # seed of the fixed multiplexing transforms
+
+    def __post_init__(self):
+        check_n(self.n_mux)
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; expected one of {list(BACKBONES)}")
+        if self.multiplexer not in MULTIPLEXERS:
+            raise ValueError(f"unknown multiplexer {self.multiplexer!r}; expected one of {sorted(MULTIPLEXERS)}")
+        self.in_shape = tuple(int(s) for s in self.in_shape)
+        if len(self.in_shape) != 3 or min(self.in_shape) < 1:
+            raise ValueError(f"in_shape must be (C, H, W) with positive sizes, got {self.in_shape}")
+        for name in ("num_classes", "width", "depth"):
+            check_n(getattr(self, name), name=name)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class DataMUXClassifier(nn.Module):
+    """DataMUX classifier: ``(B, N, C, H, W) -> (B, N, num_classes)`` logits.
+
+    Use :func:`mux.multiplexed_forward` to run it on a flat batch ``(M, C, H, W)`` of any size.
+    """
+
+    def __init__(self, config: DataMUXConfig | None = None, **kwargs):
+        super().__init__()
+        self.config = config if config is not None else DataMUXConfig(**kwargs)
+        c = self.config
+        d, (ch, h, w) = c.width, c.in_shape
+        if c.backbone == "mlp":
+            self.front = nn.Sequential(nn.Flatten(), nn.Linear(ch * h * w, d))
+            self.backbone = nn.Sequential(*[m for _ in range(c.depth) for m in (nn.Linear(d, d), nn.GELU())])
+        else:
+            self.front = nn.Sequential(nn.Conv2d(ch, d, 3, padding=1), nn.GELU())
+            layers, size = [], min(h, w)
+            for _ in range(c.depth):
+                layers += [nn.Conv2d(d, d, 3, padding=1), nn.GELU()]
+                if size >= 8:
+                    layers.append(nn.MaxPool2d(2))
+                    size //= 2
+            self.backbone = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.mux = make_multiplexer(c.multiplexer, c.n_mux, d, seed=c.mux_seed)
+        self.demux = MLPDemultiplexer(c.n_mux, d)
+        self.head = nn.Linear(d, c.num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        c = self.config
+        if x.dim() != 5 or x.shape[1] != c.n_mux or tuple(x.shape[2:]) != c.in_shape:
+            raise ValueError(
+                f"DataMUXClassifier expects (B, N={c.n_mux}, C, H, W) with (C, H, W)={c.in_shape}, "
+                f"got shape {tuple(x.shape)}; group a flat batch with mux.group or mux.multiplexed_forward"
+            )
+        b, n = x.shape[:2]
+        z = self.front(x.flatten(0, 1))  # (B*N, d) or (B*N, d, H, W)
+        if c.backbone == "cnn":
+            z = z.permute(0, 2, 3, 1)  # channels last: mix over d at every pixel
+        mixed = self.mux(z.reshape(b, n, *z.shape[1:]))  # (B, d) or (B, H, W, d)
+        if c.backbone == "cnn":
+            mixed = mixed.permute(0, 3, 1, 2)
+        h = self.backbone(mixed)  # (B, d)
+        return self.head(self.demux(h))  # (B, N, num_classes)

@@ -1,0 +1,24 @@
+import os
+
+import pytest
+import torch
+
+# Tests run on two CPU cores; keep torch from oversubscribing them.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def tiny_digits():
+    """A small, fixed slice of the digits splits, for fast training tests."""
+    from torch.utils.data import Subset
+
+    from data_utils import load_digits_splits
+
+    s = load_digits_splits(seed=0)
+    return Subset(s.train, range(120)), Subset(s.test, range(37))
+
+# No per-example deadlines: timings on a busy 2-core machine are not what these tests check.
+from hypothesis import settings
+
+settings.register_profile("course", deadline=None)
+settings.load_profile("course")
