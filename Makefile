@@ -12,7 +12,7 @@ PIP_ARGS ?=
 PARAMS ?=
 OUT ?= outputs
 
-.PHONY: install course test lab check-notebooks clean
+.PHONY: install course test lab notebooks check-notebooks clean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ course: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env
+
+# Re-execute the notebooks in place, so the committed copies carry their default run's outputs.
+notebooks: $(STAMP)
+	$(PY) -m mux.course refresh --notebooks notebooks
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks

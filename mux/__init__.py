@@ -10,6 +10,7 @@ inputs (N) -> front -> multiplexer -> shared backbone -> demultiplexer -> head -
 - ``mux.train`` / ``mux.evaluate``: the Accelerate training loop and every-example evaluation
 - ``mux.params``, ``mux.reporting``, ``mux.plots``, ``mux.env``: notebook support
 """
+from . import plots
 from .demultiplexers import MLPDemultiplexer
 from .env import pick_device, versions
 from .evaluate import evaluate, predict, predict_logits

@@ -2,11 +2,16 @@
 
     python -m mux.course run [--notebooks notebooks] [--out outputs] [-p NAME VALUE]... [-f params.yaml]
     python -m mux.course summary [--out outputs]
+    python -m mux.course refresh [--notebooks notebooks]
 
 ``run`` executes every ``NN_*.ipynb`` with papermill (in the notebook's folder, as
 JupyterLab would), writes the executed copies to ``<out>/executed/`` and the metrics to
 ``<out>/metrics/``, then prints one table of every notebook's headline metrics. Parameters
 given with ``-p``/``-f`` go to the notebooks that declare them.
+
+``refresh`` re-executes the notebooks in place on their defaults, so that the committed
+copies carry the outputs of their default run, and strips what would only add noise to a
+diff: papermill's timing metadata and finished progress bars.
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ def run_course(notebooks: str | Path, out: str | Path, parameters: dict | None =
         books = [b for b in books if any(b.stem.startswith(o) for o in only)]
     if not books:
         raise SystemExit(f"no notebooks named NN_*.ipynb found in {notebooks!r} (filter: {only})")
+    (out / "executed").mkdir(parents=True, exist_ok=True)
     timings = {}
     for book in books:
         declared = pm.inspect_notebook(str(book))
@@ -57,6 +63,36 @@ def run_course(notebooks: str | Path, out: str | Path, parameters: dict | None =
     return timings
 
 
+def _is_progress_bar(output) -> bool:
+    data = output.get("data", {})
+    text = data.get("text/plain", "")
+    return "application/vnd.jupyter.widget-view+json" in data and "it/s]" in text
+
+
+def clean_notebook(nb) -> None:
+    """Drop papermill timing metadata, widget state and progress-bar outputs (in place)."""
+    nb.metadata.pop("papermill", None)
+    nb.metadata.pop("widgets", None)
+    for cell in nb.cells:
+        cell.metadata.pop("papermill", None)
+        cell.metadata.pop("execution", None)
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.outputs if not _is_progress_bar(o)]
+
+
+def refresh(notebooks: str | Path) -> None:
+    """Execute every course notebook in place on its defaults, then clean it."""
+    import nbformat
+    import papermill as pm
+
+    for book in course_notebooks(notebooks):
+        print(f"==> {book.name}", flush=True)
+        pm.execute_notebook(str(book), str(book), cwd=str(book.parent), kernel_name="python3", progress_bar=False)
+        nb = nbformat.read(str(book), as_version=4)
+        clean_notebook(nb)
+        nbformat.write(nb, str(book))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mux.course", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,7 +104,13 @@ def main(argv=None) -> int:
     run.add_argument("--only", nargs="*", help="notebook name prefixes to run, e.g. 01")
     summ = sub.add_parser("summary", help="print the summary of an earlier run")
     summ.add_argument("--out", default="outputs")
+    ref = sub.add_parser("refresh", help="re-execute the notebooks in place on their defaults")
+    ref.add_argument("--notebooks", default="notebooks")
     args = parser.parse_args(argv)
+
+    if args.command == "refresh":
+        refresh(args.notebooks)
+        return 0
 
     if args.command == "run":
         import yaml

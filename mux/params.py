@@ -13,7 +13,8 @@ validation cell then calls ``check_parameters(globals())``, which
   parameter, with the closest known name, because that is what a misspelt ``-p`` becomes.
 
 Convention that makes the second check exact: cells before the parameters cell define no
-plain-data globals (imports, functions and objects such as a ``torch.device`` are fine).
+plain-data globals in lower case (imports, UPPER_CASE constants, functions and objects such
+as a ``torch.device`` are fine).
 """
 from __future__ import annotations
 
@@ -79,12 +80,14 @@ def check_parameters(namespace: dict) -> dict:
             problems.append(f"parameter {name!r} is declared but has no value")
         elif not _matches(namespace[name], tp):
             value = namespace[name]
-            hint = " (pass lists and dicts with papermill -y or a YAML file, not -p)" if isinstance(value, str) else ""
+            container = typing.get_origin(tp) in (list, tuple, dict)
+            hint = " (pass lists and dicts with papermill -y or a YAML file, not -p)" if container and isinstance(value, str) else ""
             problems.append(
                 f"parameter {name!r} should be {_type_name(tp)}, got {value!r} ({type(value).__name__}){hint}"
             )
     for name, value in namespace.items():
-        if name.startswith("_") or name in declared or name in _IPYTHON_NAMES or not isinstance(value, _PLAIN):
+        if (name.startswith("_") or name.isupper() or name in declared or name in _IPYTHON_NAMES
+                or not isinstance(value, _PLAIN)):
             continue
         close = difflib.get_close_matches(name, declared, n=1)
         suggestion = f" (did you mean {close[0]!r}?)" if close else ""

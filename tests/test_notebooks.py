@@ -1,0 +1,111 @@
+"""Notebook-level tests: conventions, papermill runs on non-default parameters, bad parameters.
+
+nbval (``make test`` passes ``--nbval-lax notebooks``) separately runs every notebook on its
+defaults, where the notebooks' own ``assert`` cells check their claims.
+"""
+import json
+from pathlib import Path
+
+import nbformat
+import papermill as pm
+import pytest
+
+from mux.course import clean_notebook, course_notebooks, main, run_course
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = course_notebooks(ROOT / "notebooks")
+DATAMUX = ROOT / "notebooks" / "01_datamux.ipynb"
+
+# A few seconds of training: the code paths of a full-scale run, not its accuracy.
+TINY = dict(n_values=[1, 3], multiplexers=["orthogonal", "binary_hadamard"], compare_n=3, mlp_width=32,
+            mlp_steps=30, cnn_width=8, cnn_steps=20, batch_size=48, assert_targets=False)
+
+
+def run(notebook, tmp_path, **parameters):
+    out = tmp_path / f"executed_{notebook.name}"
+    pm.execute_notebook(str(notebook), str(out), parameters=parameters, cwd=str(notebook.parent),
+                        kernel_name="python3", progress_bar=False)
+    return nbformat.read(str(out), as_version=4)
+
+
+def test_there_are_course_notebooks():
+    assert [p.name for p in NOTEBOOKS][:2] == ["00_start_here.ipynb", "01_datamux.ipynb"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_anatomy(path):
+    nb = nbformat.read(str(path), as_version=4)
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
+    tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
+    after = nb.cells[tagged[0] + 1]
+    assert after.cell_type == "code" and "check_parameters(globals())" in after.source, "validation cell follows"
+    assert "write_metrics(out_dir" in nb.cells[-1].source, "last cell writes the headline metrics"
+    assert "You will" in nb.cells[0].source
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert len(cell.source.splitlines()) <= 40, cell.source[:80]
+            assert not any(o.get("output_type") == "error" for o in cell.outputs), "stored error output"
+    params = pm.inspect_notebook(str(path))
+    assert "out_dir" in params and all(p["help"] for p in params.values()), "every parameter has a # help comment"
+
+
+@pytest.mark.notebook
+def test_datamux_runs_on_other_parameters_and_resumes(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    params = dict(TINY, out_dir=str(tmp_path / "m1"), checkpoint_dir=str(ckpt), checkpoint_every=10)
+    run(DATAMUX, tmp_path, **params)
+    first = json.loads((tmp_path / "m1" / "01_datamux.json").read_text())
+    assert set(first["headline"]) == {"mlp_acc_n1", "mlp_acc_n3", "cnn_acc_n1", "cnn_acc_n3",
+                                      "mlp_orthogonal_acc_n3", "mlp_binary_hadamard_acc_n3"}
+    assert first["n_test_examples"] == 360 and first["parameters"]["n_values"] == [1, 3]
+    assert sorted(p.name for p in (ckpt / "cnn_orthogonal_n3").iterdir()) == ["checkpoint-00000010",
+                                                                              "checkpoint-00000020"]
+    # the same command again resumes every model from its final checkpoint: same results
+    run(DATAMUX, tmp_path, **dict(params, out_dir=str(tmp_path / "m2")))
+    second = json.loads((tmp_path / "m2" / "01_datamux.json").read_text())
+    assert second["headline"] == first["headline"]
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("bad, message", [
+    (dict(n_valuse=[1, 2]), "unknown parameter 'n_valuse' (did you mean 'n_values'?)"),
+    (dict(mlp_steps="many"), "parameter 'mlp_steps' should be int, got 'many'"),
+    (dict(n_values=[0, 2]), "N (instances multiplexed together) must be an integer >= 1, got 0"),
+    (dict(dataset="imagenet21k"), "unknown dataset 'imagenet21k'"),
+    (dict(multiplexers=["fourier"]), "unknown multiplexer 'fourier'"),
+])
+def test_bad_parameters_stop_the_notebook_with_a_clear_message(tmp_path, bad, message):
+    with pytest.raises(pm.PapermillExecutionError) as err:
+        run(DATAMUX, tmp_path, out_dir=str(tmp_path), **bad)
+    assert message in str(err.value)
+
+
+@pytest.mark.notebook
+def test_missing_data_folder_names_the_offline_alternative(tmp_path):
+    with pytest.raises(pm.PapermillExecutionError) as err:
+        run(DATAMUX, tmp_path, out_dir=str(tmp_path), dataset="imagefolder", data_dir=str(tmp_path / "no_such"))
+    assert "DatasetUnavailableError" in str(err.value) and "lacks train/, val/" in str(err.value)
+
+
+@pytest.mark.notebook
+def test_course_runner_executes_and_summarises(tmp_path, capsys):
+    timings = run_course(ROOT / "notebooks", tmp_path, {"seed": 1, "not_declared_anywhere": 5}, only=["00"])
+    assert list(timings) == ["00_start_here"]
+    assert (tmp_path / "executed" / "00_start_here.ipynb").is_file()
+    main(["summary", "--out", str(tmp_path)])
+    table = capsys.readouterr().out
+    assert "00_start_here" in table and "digits_examples" in table and "1797" in table
+
+
+def test_clean_notebook_drops_progress_bars_and_timings():
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x")])
+    nb.metadata["papermill"] = {"duration": 1.0}
+    nb.cells[0].metadata["papermill"] = {"duration": 1.0}
+    bar = nbformat.v4.new_output("display_data", data={
+        "application/vnd.jupyter.widget-view+json": {"model_id": "a"}, "text/plain": "100%|##| 5/5 [00:01<00:00, 4.2it/s]"})
+    text = nbformat.v4.new_output("stream", name="stdout", text="kept\n")
+    nb.cells[0].outputs = [bar, text]
+    clean_notebook(nb)
+    assert "papermill" not in nb.metadata and "papermill" not in nb.cells[0].metadata
+    assert nb.cells[0].outputs == [text]
