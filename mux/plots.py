@@ -57,7 +57,7 @@ def show_images(images: torch.Tensor, titles: list[str] | None = None, ncols: in
         ax.axis("off")
         if i < k:
             img = images[i]
-            ax.imshow(img.permute(1, 2, 0) if img.dim() == 3 else img, cmap="gray")
+            ax.imshow((img.permute(1, 2, 0) if img.dim() == 3 else img).numpy(), cmap="gray")
             if titles:
                 ax.set_title(titles[i], fontsize=8)
     fig.tight_layout()

@@ -143,7 +143,7 @@ def load_weights(model: nn.Module, checkpoint: str | os.PathLike) -> nn.Module:
     from safetensors.torch import load_file
 
     path = Path(checkpoint)
-    if (path / STATE_FILE).is_file() is False:
+    if not (path / STATE_FILE).is_file():
         latest = latest_checkpoint(path)
         if latest is None:
             raise FileNotFoundError(f"no checkpoint found at {path} (expected a checkpoint-<step> folder)")
