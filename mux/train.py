@@ -93,6 +93,8 @@ class TrainResult:
     resumed_from: int | None = None
     seconds: float = 0.0
     device: str = "cpu"
+    num_processes: int = 1
+    is_main_process: bool = True  # under several processes, only the main one should write results
 
 
 def classification_loss(model: nn.Module, batch, n: int) -> Tensor:
@@ -262,4 +264,6 @@ def train(
         resumed_from=resumed_from,
         seconds=time.perf_counter() - started,
         device=str(accelerator.device),
+        num_processes=accelerator.num_processes,
+        is_main_process=accelerator.is_main_process,
     )
