@@ -43,10 +43,8 @@ def parse(argv):
 def main(argv=None) -> int:
     args = parse(argv)
     data = load_image_dataset(args.dataset, args.data_dir, seed=args.seed)
-    mux.seed_everything(args.seed)
-    model = mux.DataMUXClassifier(mux.DataMUXConfig(
-        n_mux=args.n_mux, backbone=args.backbone, multiplexer=args.multiplexer, in_shape=data.in_shape,
-        num_classes=data.num_classes, width=args.width, depth=args.depth, mux_seed=args.seed))
+    model = mux.DataMUXClassifier.for_data(data, args.n_mux, seed=args.seed, backbone=args.backbone,
+                                           multiplexer=args.multiplexer, width=args.width, depth=args.depth)
     cfg = mux.TrainConfig(
         max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, cpu=args.cpu,
         checkpoint_dir=os.path.join(args.out, "checkpoints"), checkpoint_every=args.checkpoint_every,

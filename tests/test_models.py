@@ -63,3 +63,14 @@ def test_each_output_depends_on_its_own_instance():
     # changing instance 1 changes the mixture, so both outputs may move, but output 1 must
     with torch.no_grad():
         assert not torch.allclose(model(x)[:, 1], model(y)[:, 1])
+
+
+def test_for_data_sizes_the_model_and_is_seeded():
+    class Splits:
+        in_shape, num_classes = (3, 16, 16), 5
+
+    a = mux.DataMUXClassifier.for_data(Splits(), 4, seed=3, backbone="cnn", width=8)
+    b = mux.DataMUXClassifier.for_data(Splits(), 4, seed=3, backbone="cnn", width=8)
+    assert a.config.in_shape == (3, 16, 16) and a.config.num_classes == 5 and a.config.mux_seed == 3
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert a(torch.randn(1, 4, 3, 16, 16)).shape == (1, 4, 5)

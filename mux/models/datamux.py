@@ -84,6 +84,17 @@ class DataMUXClassifier(nn.Module):
         self.demux = MLPDemultiplexer(c.n_mux, d)
         self.head = nn.Linear(d, c.num_classes)
 
+    @classmethod
+    def for_data(cls, data, n_mux: int, seed: int = 0, **config) -> "DataMUXClassifier":
+        """A classifier sized for ``data`` (anything with ``in_shape`` and ``num_classes``, e.g.
+        ``data_utils.DatasetSplits``). ``seed`` seeds the fixed transforms and, through
+        ``mux.seed_everything``, the initialisation of the learned parts."""
+        from ..train import seed_everything
+
+        seed_everything(seed)
+        return cls(DataMUXConfig(n_mux=n_mux, in_shape=data.in_shape, num_classes=data.num_classes,
+                                 mux_seed=seed, **config))
+
     def forward(self, x: Tensor) -> Tensor:
         c = self.config
         if x.dim() != 5 or x.shape[1] != c.n_mux or tuple(x.shape[2:]) != c.in_shape:
