@@ -1,4 +1,5 @@
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,3 +109,190 @@ def test_image_folder_missing_parts(tmp_path):
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "a" / "train" / "y" / "0.png")
     with pytest.raises(DatasetUnavailableError, match="different class folders"):
         image_folder(tmp_path / "a")
+
+
+# --- torchvision downloads under several processes (no internet needed: the dataset class is faked) ---
+
+def _fake_mnist(monkeypatch, calls, targets=tuple(range(10)) * 10, fail=None, during=None):
+    """Replace torchvision's MNIST with a tiny in-memory one that records how it was called."""
+    import torchvision
+
+    class FakeMNIST(torch.utils.data.Dataset):
+        classes = [str(i) for i in range(10)]
+
+        def __init__(self, root, train=True, download=False, transform=None):
+            calls.append(("MNIST", "train" if train else "test", f"download={download}"))
+            if fail is not None:
+                raise fail
+            if during is not None:
+                during(root)
+            self.targets = torch.tensor(targets if train else list(range(10)))
+            self.data = torch.zeros(len(self.targets), 1, 28, 28)
+
+        def __len__(self):
+            return len(self.targets)
+
+        def __getitem__(self, i):
+            return self.data[i], int(self.targets[i])
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", FakeMNIST)
+
+
+def _fake_accelerate(monkeypatch, calls, set_up):
+    """Replace Accelerate's PartialState with one that records use; ``set_up``: as if an Accelerator exists."""
+    import contextlib
+
+    import accelerate
+
+    class FakeState:
+        _shared_state = {"distributed_type": "MULTI_GPU"} if set_up else {}
+
+        def __init__(self, *args, **kwargs):
+            calls.append("PartialState()")
+
+        @contextlib.contextmanager
+        def main_process_first(self):
+            calls.append("main process first: enter")
+            yield  # an exception in the body is thrown here, so 'exit' is then not recorded
+            calls.append("main process first: exit")
+
+    monkeypatch.setattr(accelerate, "PartialState", FakeState)
+
+
+def test_torchvision_download_lets_the_main_process_go_first(tmp_path, monkeypatch):
+    calls = []
+    _fake_accelerate(monkeypatch, calls, set_up=True)
+    _fake_mnist(monkeypatch, calls)
+    splits = load_torchvision("mnist", tmp_path, val_fraction=0.2)
+    assert splits.sizes() == {"train": 80, "val": 20, "test": 10}
+    assert calls == ["PartialState()", "main process first: enter", ("MNIST", "train", "download=True"),
+                     ("MNIST", "test", "download=True"), "main process first: exit"]
+    # a failed download on the main process still ends its turn (the others would otherwise wait forever)
+    calls.clear()
+    _fake_mnist(monkeypatch, calls, fail=RuntimeError("no internet"))
+    with pytest.raises(DatasetUnavailableError, match="no internet"):
+        load_torchvision("mnist", tmp_path)
+    assert calls[-1] == "main process first: exit"
+    # reading files already there needs no turn
+    calls.clear()
+    _fake_mnist(monkeypatch, calls)
+    load_torchvision("mnist", tmp_path, download=False)
+    assert calls == [("MNIST", "train", "download=False"), ("MNIST", "test", "download=False")]
+
+
+def test_torchvision_download_without_accelerate_takes_a_file_lock_and_leaves_accelerate_alone(tmp_path, monkeypatch):
+    from filelock import FileLock, Timeout
+
+    def lock_is_held(root):
+        locks = list(Path(root).glob(".*lock"))
+        assert len(locks) == 1, f"expected one lock file in {root}, found {locks}"
+        with pytest.raises(Timeout):  # another process (here: another open of the file) cannot take it
+            FileLock(str(locks[0]), timeout=0).acquire()
+        calls.append("lock held")
+
+    calls = []
+    _fake_accelerate(monkeypatch, calls, set_up=False)
+    _fake_mnist(monkeypatch, calls, during=lock_is_held)
+    load_torchvision("mnist", tmp_path / "data")
+    # the loader must not be the one to set up Accelerate: that would fix the device and backend for the
+    # training that follows (a later Accelerator(cpu=True) keeps them; torchrun processes would not see each other)
+    assert "PartialState()" not in calls
+    assert calls == [("MNIST", "train", "download=True"), "lock held", ("MNIST", "test", "download=True"), "lock held"]
+    # a folder where no lock file can be made (read-only, data already there) is read as before, without a lock
+    import filelock
+
+    class ReadOnlyFolderLock:
+        def __init__(self, path, *args, **kwargs):
+            self.path = path
+
+        def acquire(self, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", self.path)
+
+        def release(self, *args, **kwargs):
+            raise AssertionError("released a lock that was never taken")
+
+    monkeypatch.setattr(filelock, "FileLock", ReadOnlyFolderLock)
+    calls.clear()
+    _fake_mnist(monkeypatch, calls)
+    assert load_torchvision("mnist", tmp_path / "data").sizes()["test"] == 10
+    assert calls == [("MNIST", "train", "download=True"), ("MNIST", "test", "download=True")]
+
+
+def test_stratified_hold_out_keeps_every_class_in_training(tmp_path, monkeypatch):
+    calls = []
+    _fake_mnist(monkeypatch, calls, targets=[0] * 2 + [1] * 100)
+    # 90% held out, stratified: both examples of class 0 would land in val and training would never see it
+    with pytest.raises(ValueError, match=r"val_fraction=0.9 leaves class\(es\) '0' with no training example"):
+        load_torchvision("mnist", tmp_path, download=False, val_fraction=0.9)
+    splits = load_torchvision("mnist", tmp_path, download=False, val_fraction=0.5)
+    assert splits.sizes()["val"] == 51
+    _fake_mnist(monkeypatch, calls, targets=[0] * 3 + [1] * 3)
+    # 10% of 6 is one example: too few to hold out one of each of the 2 classes
+    with pytest.raises(ValueError, match="val_fraction=0.1 holds out 1 and keeps 5 of 6 examples.*2 classes"):
+        load_torchvision("mnist", tmp_path, download=False, val_fraction=0.1)
+
+
+def test_digits_fractions_must_leave_a_training_split():
+    for val, test in ((0.8, 0.2), (0.5, 0.6)):
+        with pytest.raises(ValueError, match=rf"val_fraction \+ test_fraction must be < 1.*{val} \+ {test}"):
+            load_digits_splits(val_fraction=val, test_fraction=test)
+    with pytest.raises(ValueError, match="test_fraction=0.001 holds out 2 and keeps 1795 of 1797"):
+        load_digits_splits(test_fraction=0.001)
+
+
+# --- image folders: bad files and layouts fail when the dataset is built, not in the middle of training ---
+
+def test_image_folder_rejects_unreadable_image_files(tmp_path):
+    _make_tree(tmp_path)
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image, and not named like one: skipped")
+    for i in range(6):
+        (tmp_path / "train" / "dog" / f"broken{i}.jpg").write_text("a text file named like an image")
+    good = (tmp_path / "val" / "cat" / "0.png").read_bytes()
+    (tmp_path / "val" / "cat" / "truncated.png").write_bytes(good[:60])
+    with pytest.raises(DatasetUnavailableError) as err:
+        image_folder(tmp_path, image_size=16)
+    msg = str(err.value)
+    assert "7 of 19 image files" in msg and "verify=False" in msg and "notes.txt" not in msg
+    # 6 text files and the cut-short PNG (counted: 7); the first 5 are named, in the order found
+    assert msg.count("broken") == 5 and "broken5.jpg" not in msg
+    with pytest.raises(DatasetUnavailableError, match="7 of 19 image files"):
+        load_image_dataset("imagefolder", tmp_path, image_size=16)
+    # verify=False skips the check: the bad files then fail only when read
+    unchecked = load_image_dataset("imagefolder", tmp_path, image_size=16, verify=False)
+    assert unchecked.sizes() == {"train": 12, "val": 0, "test": 7}
+    assert image_folder(tmp_path, image_size=16, verify=False).sizes() == unchecked.sizes()
+
+
+def test_image_folder_empty_class_folders(tmp_path):
+    _make_tree(tmp_path)
+    (tmp_path / "train" / "bird").mkdir()
+    (tmp_path / "train" / "bird" / "readme.txt").write_text("no image here")
+    (tmp_path / "val" / "bird").mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "val" / "bird" / "0.png")
+    with pytest.raises(DatasetUnavailableError) as err:
+        image_folder(tmp_path, image_size=16)
+    msg = str(err.value)
+    assert msg.startswith(f"class folder(s) without images: '{tmp_path / 'train' / 'bird'}';")
+    assert "train/<class>/<image>" in msg and ".png" in msg
+    (tmp_path / "x" / "train").mkdir(parents=True)
+    (tmp_path / "x" / "val").mkdir()
+    with pytest.raises(DatasetUnavailableError, match="has no class folders"):
+        image_folder(tmp_path / "x")
+
+
+def test_image_folder_class_too_small_for_a_hold_out(tmp_path):
+    _make_tree(tmp_path)
+    (tmp_path / "train" / "owl").mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "train" / "owl" / "0.png")
+    (tmp_path / "val" / "owl").mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "val" / "owl" / "0.png")
+    with pytest.raises(ValueError, match=r"class\(es\) 'owl' have only 1 example.*val_fraction=0"):
+        image_folder(tmp_path, image_size=16, val_fraction=0.3)
+    assert image_folder(tmp_path, image_size=16).sizes() == {"train": 7, "val": 0, "test": 7}
+
+
+def test_image_folder_bad_image_size(tmp_path):
+    _make_tree(tmp_path)
+    for size in (0, -8):
+        with pytest.raises(ValueError, match=f"image_size must be a positive number of pixels, got {size}"):
+            image_folder(tmp_path, image_size=size)
