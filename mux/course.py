@@ -7,7 +7,8 @@
 ``run`` executes every ``NN_*.ipynb`` with papermill (in the notebook's folder, as
 JupyterLab would), writes the executed copies to ``<out>/executed/`` and the metrics to
 ``<out>/metrics/``, then prints one table of every notebook's headline metrics. Parameters
-given with ``-p``/``-f`` go to the notebooks that declare them.
+given with ``-p``/``-f`` go to the notebooks that declare them; one that no selected notebook
+declares (a misspelt name, usually) stops the run before any notebook executes.
 
 ``refresh`` re-executes the notebooks in place on their defaults, so that the committed
 copies carry the outputs of their default run, and strips what would only add noise to a
@@ -16,6 +17,7 @@ diff: papermill's timing metadata and finished progress bars.
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 import time
 from pathlib import Path
@@ -36,8 +38,32 @@ def _parse_value(text: str):
     return yaml.safe_load(text)
 
 
+def _check_declared(parameters: dict, declared: dict[str, dict]) -> None:
+    """Raise ``SystemExit`` naming every parameter that none of the notebooks declares.
+
+    ``declared`` maps a notebook's name to its parameters (as ``papermill.inspect_notebook``
+    returns them). Each unknown name comes with the closest declared name, if any.
+    """
+    known = sorted({name for params in declared.values() for name in params})
+    unknown = [name for name in parameters if name not in known]
+    if not unknown:
+        return
+    lines = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1)
+        lines.append(f"unknown parameter {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise SystemExit(
+        "\n".join(lines) + f"\nno notebook declares {'it' if len(unknown) == 1 else 'them'}; notebooks considered: "
+        + ", ".join(declared) + "\ntheir parameters are: " + ", ".join(known)
+    )
+
+
 def run_course(notebooks: str | Path, out: str | Path, parameters: dict | None = None, only: list[str] | None = None) -> dict:
-    """Execute the course notebooks with papermill; return ``{stem: seconds}``."""
+    """Execute the course notebooks with papermill; return ``{stem: seconds}``.
+
+    Each parameter goes to the notebooks that declare it; a parameter that none of the selected
+    notebooks declares raises ``SystemExit`` before any notebook runs.
+    """
     import papermill as pm
 
     out = Path(out).resolve()
@@ -46,12 +72,13 @@ def run_course(notebooks: str | Path, out: str | Path, parameters: dict | None =
         books = [b for b in books if any(b.stem.startswith(o) for o in only)]
     if not books:
         raise SystemExit(f"no notebooks named NN_*.ipynb found in {notebooks!r} (filter: {only})")
+    declared = {book.name: pm.inspect_notebook(str(book)) for book in books}
+    _check_declared(parameters or {}, declared)
     (out / "executed").mkdir(parents=True, exist_ok=True)
     timings = {}
     for book in books:
-        declared = pm.inspect_notebook(str(book))
         params = {"out_dir": str(out / "metrics")}
-        params.update({k: v for k, v in (parameters or {}).items() if k in declared})
+        params.update({k: v for k, v in (parameters or {}).items() if k in declared[book.name]})
         print(f"==> {book.name}  {params}", flush=True)
         started = time.perf_counter()
         pm.execute_notebook(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 __all__ = ["write_metrics", "read_metrics", "summary_table", "paper_vs_ours"]
@@ -25,14 +26,37 @@ def _check_jsonable(value, path="metrics"):
 
 
 def write_metrics(out_dir: str | Path, stem: str, metrics: dict) -> Path:
-    """Write ``metrics`` (plain JSON values) to ``<out_dir>/<stem>.json`` and return the path."""
+    """Write ``metrics`` (plain JSON values) to ``<out_dir>/<stem>.json`` and return the path.
+
+    The file is written whole or not at all: a temporary file is written, flushed and synced to
+    disk, then renamed over the target, and the folder is synced so that the rename itself
+    survives a crash (where the platform can sync a folder).
+    """
     _check_jsonable(metrics)
     path = Path(out_dir) / f"{stem}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(path)
+    _sync_folder(path.parent)
     return path
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder, so that a rename in it is on disk; a no-op where folders cannot be opened or synced."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open a folder
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems and platforms refuse to sync a folder
+        pass
+    finally:
+        os.close(fd)
 
 
 def read_metrics(out_dir: str | Path) -> dict[str, dict]:

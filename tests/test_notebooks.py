@@ -90,7 +90,7 @@ def test_missing_data_folder_names_the_offline_alternative(tmp_path):
 
 @pytest.mark.notebook
 def test_course_runner_executes_and_summarises(tmp_path, capsys):
-    timings = run_course(ROOT / "notebooks", tmp_path, {"seed": 1, "not_declared_anywhere": 5}, only=["00"])
+    timings = run_course(ROOT / "notebooks", tmp_path, {"seed": 1}, only=["00"])
     assert list(timings) == ["00_start_here"]
     assert (tmp_path / "executed" / "00_start_here.ipynb").is_file()
     main(["summary", "--out", str(tmp_path)])

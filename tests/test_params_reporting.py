@@ -1,7 +1,10 @@
 import json
-from typing import Literal
+import os
+import stat
+from typing import Annotated, Literal
 
 import pytest
+from pydantic import Field
 
 import mux
 from mux.params import ParameterError
@@ -66,3 +69,86 @@ def test_pick_device_and_versions():
     assert mux.pick_device("cpu").type == "cpu"
     assert mux.pick_device("auto").type in ("cpu", "cuda", "mps")
     assert "torch" in mux.versions() and "python" in mux.versions()
+
+
+def one(annotation, value):
+    """A namespace that declares one parameter ``x``."""
+    return {"__annotations__": {"x": annotation}, "x": value}
+
+
+@pytest.mark.parametrize("annotation, value, message", [
+    (Literal[0, 1], True, "parameter 'x' should be Literal\\[0, 1\\], got True \\(bool\\)"),
+    (Literal[0, 1], 1.0, "should be Literal\\[0, 1\\], got 1.0"),
+    (set[int], [1, 2], "parameter 'x' should be set\\[int\\], got \\[1, 2\\] \\(list\\)"),
+    (set[int], {"a"}, "should be set\\[int\\]"),
+    (float, float("inf"), "parameter 'x' should be float, got inf \\(float\\); Input should be a finite number"),
+    (float, float("nan"), "got nan \\(float\\); Input should be a finite number"),
+    (dict[str, list[float]], {"a": [1.0, float("nan")]}, "at x\\['a'\\]\\[1\\]: Input should be a finite number"),
+    (list[int], [], "parameter 'x' should be a non-empty list\\[int\\], got \\[\\] \\(list parameters must not be empty"),
+    (list[int] | None, [], "should be a non-empty list\\[int\\] \\| None"),
+    (list[int], [1, "2"], "should be list\\[int\\], got \\[1, '2'\\] \\(list\\); at x\\[1\\]: Input should be a valid integer"),
+    (list[int] | None, "[1]", "papermill -y"),
+    (tuple[int, int], [1, 2, 3], "should be tuple\\[int, int\\]"),
+    (int, True, "parameter 'x' should be int, got True \\(bool\\)"),
+    (float, False, "parameter 'x' should be float, got False \\(bool\\)"),
+    (int, 2.0, "parameter 'x' should be int, got 2.0 \\(float\\)"),
+])
+def test_strict_type_checks(annotation, value, message):
+    with pytest.raises(ParameterError, match=message):
+        mux.check_parameters(one(annotation, value))
+
+
+@pytest.mark.parametrize("annotation, value", [
+    (float, 3),
+    (Literal[0, 1], 1),
+    (set[int], {1, 2}),
+    (tuple[int, int], [1, 2]),  # YAML has no tuples
+    (tuple[float, ...], (1, 2.5)),
+    (dict[str, float], {"a": 1, "b": 0.5}),
+    (list[int] | None, None),
+    (Annotated[list[int], Field(min_length=0)], []),
+    ("list[int]", [1]),  # an annotation kept as text
+])
+def test_valid_values_are_returned_unconverted(annotation, value):
+    assert mux.check_parameters(one(annotation, value))["x"] is value
+
+
+def test_rerunning_the_validation_cell_after_the_notebook_ran():
+    g = ns(lr=3)  # papermill's injected cell has run: this is the first check
+    params = mux.check_parameters(g)
+    # the rest of the validation cell, and later cells, define the notebook's own variables
+    g.update(params=params, device=mux.pick_device("cpu"), started=12.5, n=8, name="orthogonal",
+             results={"mlp": [0.9, 0.8]}, curve=[1.0, 0.5])
+    assert mux.check_parameters(g) == params
+    assert mux.check_parameters(g)["device"] == "auto"
+    # a parameter that holds plain data again (the parameters cell re-run with an edit) is checked again
+    g["lr"] = "fast"
+    with pytest.raises(ParameterError, match="parameter 'lr' should be float, got 'fast'") as err:
+        mux.check_parameters(g)
+    assert "unknown" not in str(err.value)
+
+
+def test_a_misspelt_override_is_still_reported_when_the_cell_is_rerun():
+    g = ns(n_valuse=[3])  # papermill injected a misspelt name before the first check
+    for _ in range(2):
+        with pytest.raises(ParameterError, match="unknown parameter 'n_valuse' \\(did you mean 'n_values'\\?\\)"):
+            mux.check_parameters(g)
+    g.update(device=mux.pick_device("cpu"))  # never validated: still checked against its annotation
+    with pytest.raises(ParameterError, match="parameter 'device' should be"):
+        mux.check_parameters(g)
+
+
+def test_write_metrics_syncs_the_file_before_renaming_it(tmp_path, monkeypatch):
+    synced = []
+
+    def fake_fsync(fd):
+        info = os.fstat(fd)
+        synced.append("dir" if stat.S_ISDIR(info.st_mode) else (info.st_size, (tmp_path / "m.json").exists()))
+        if stat.S_ISDIR(info.st_mode):
+            raise OSError("directories cannot be synced here")  # as on some platforms: ignored
+
+    monkeypatch.setattr(os, "fsync", fake_fsync)
+    path = mux.write_metrics(tmp_path, "m", {"acc": 0.5})
+    size = len(path.read_bytes())
+    assert synced == [(size, False), "dir"], "the whole file is synced before the rename, then its folder"
+    assert json.loads(path.read_text()) == {"acc": 0.5} and not list(tmp_path.glob("*.tmp"))
