@@ -7,14 +7,16 @@ inputs (N) -> front -> multiplexer -> shared backbone -> demultiplexer -> head -
 - ``mux.multiplexers``: ways of mixing N instances into one representation
 - ``mux.demultiplexers``: ways of recovering N representations from one
 - ``mux.models``: one file per method (``datamux`` so far)
+- ``mux.losses``: training objectives (a tensor, or named terms with the total under "loss")
 - ``mux.train`` / ``mux.evaluate``: the Accelerate training loop and every-example evaluation
 - ``mux.params``, ``mux.reporting``, ``mux.plots``, ``mux.env``: notebook support
 """
 from . import plots
-from .demultiplexers import MLPDemultiplexer
+from .demultiplexers import Demultiplexer, MLPDemultiplexer
 from .env import pick_device, versions
-from .evaluate import evaluate, predict, predict_logits
-from .grouping import check_n, group, multiplexed_forward, pad_to_multiple, ungroup
+from .evaluate import IGNORE_INDEX, evaluate, predict, predict_logits
+from .grouping import check_n, group, multiplexed_forward, pad_to_multiple, ungroup, union_mask
+from .losses import classification_loss
 from .models import DataMUXClassifier, DataMUXConfig
 from .multiplexers import (
     MULTIPLEXERS,
@@ -26,6 +28,15 @@ from .multiplexers import (
 )
 from .params import ParameterError, check_parameters
 from .reporting import paper_vs_ours, read_metrics, summary_table, write_metrics
-from .train import TrainConfig, TrainResult, latest_checkpoint, load_weights, model_fingerprint, seed_everything, train
+from .train import (
+    TrainConfig,
+    TrainResult,
+    latest_checkpoint,
+    list_checkpoints,
+    load_weights,
+    model_fingerprint,
+    seed_everything,
+    train,
+)
 
 __version__ = "0.1.0"

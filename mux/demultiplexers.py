@@ -1,34 +1,114 @@
 """Demultiplexers: one processed mixture in, N instance representations out.
 
-DataMUX's MLP demultiplexer gives each instance index i its own small MLP
-(Linear d -> d, GELU, LayerNorm); a task head shared by all instances then turns each
-recovered representation into a prediction.
+The contract every demultiplexer follows
+----------------------------------------
+A demultiplexer is a module ``forward(h, **context) -> (B, N, ..., d)``:
+
+- ``h`` is the shared backbone's output for the mixture, ``(B, ..., d)``: ``(B, d)`` for a
+  pooled vector, ``(B, L, d)`` for a token sequence. The demultiplexer returns one
+  representation per instance index, ``(B, N, ..., d)``, with the dimensions between B and
+  d kept as they are. A task head shared by all instances then turns each one into a
+  prediction.
+- What ``h`` covers is the model's choice: a sentence-level task passes only the state it
+  classifies from (e.g. position 0, ``h[:, 0]``, shape ``(B, d)``), a token-level task
+  passes every position ``(B, L, d)`` and gets ``(B, N, L, d)`` back.
+- ``context`` carries, by keyword, whatever a demultiplexer needs beyond the mixture; a
+  demultiplexer that needs nothing more accepts and ignores it, so a model can call every
+  demultiplexer the same way. The chapters to come use it for T-MUX's index
+  demultiplexer, which reads the backbone states of the N prefix tokens (one per instance
+  index, e.g. ``prefix=(B, N, d)``) and combines each with ``h``. MUX-PLMs' RSA
+  demultiplexer instead keeps learned keys, one per instance index, as its own parameters.
+- A demultiplexer checks the shapes it receives and raises a ValueError that names the
+  shape it expected.
+
+DataMUX's MLP demultiplexer (:class:`MLPDemultiplexer`) gives each instance index i its
+own small MLP, ``LayerNorm(GELU(W_i h + b_i))``, all N computed in one batched operation.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .grouping import check_n
 
-__all__ = ["MLPDemultiplexer"]
+__all__ = ["Demultiplexer", "MLPDemultiplexer"]
 
 
-class MLPDemultiplexer(nn.Module):
-    """N separate MLPs, one per instance index: ``(B, ..., d) -> (B, N, ..., d)``."""
+class Demultiplexer(nn.Module):
+    """Base class: ``forward(h, **context)``, ``(B, ..., d) -> (B, N, ..., d)``.
+
+    Subclasses implement :meth:`demultiplex`; ``forward`` first checks that ``h`` is
+    ``(B, ..., d)``. See the module docstring for the contract.
+    """
 
     def __init__(self, n: int, d: int):
         super().__init__()
         self.n = check_n(n)
         self.d = check_n(d, name="d (the feature dimension)")
-        self.mlps = nn.ModuleList(
-            nn.Sequential(nn.Linear(self.d, self.d), nn.GELU(), nn.LayerNorm(self.d)) for _ in range(self.n)
-        )
 
-    def forward(self, h: Tensor) -> Tensor:
+    def check_input(self, h: Tensor) -> None:
         if h.dim() < 2 or h.shape[-1] != self.d:
-            raise ValueError(f"MLPDemultiplexer expects (B, ..., d={self.d}), got shape {tuple(h.shape)}")
-        return torch.stack([mlp(h) for mlp in self.mlps], dim=1)
+            raise ValueError(f"{type(self).__name__} expects (B, ..., d={self.d}), got shape {tuple(h.shape)}")
+
+    def demultiplex(self, h: Tensor, **context) -> Tensor:  # pragma: no cover - abstract
+        """``(B, ..., d) -> (B, N, ..., d)``; implemented by each demultiplexer."""
+        raise NotImplementedError
+
+    def forward(self, h: Tensor, **context) -> Tensor:
+        self.check_input(h)
+        return self.demultiplex(h, **context)
 
     def extra_repr(self) -> str:
         return f"n={self.n}, d={self.d}"
+
+
+class MLPDemultiplexer(Demultiplexer):
+    """One small MLP per instance index, all N at once: ``(B, ..., d) -> (B, N, ..., d)``.
+
+    For instance index i: ``out_i = LayerNorm_i(GELU(h @ weight[i].T + bias[i]))``, the same
+    as ``nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d))`` with its own
+    parameters. Parameters, stacked over the N indices:
+
+    - ``weight`` ``(N, d, d)``: ``weight[i]`` is laid out like ``nn.Linear.weight``, (out, in)
+    - ``bias`` ``(N, d)``
+    - ``norm_weight``, ``norm_bias`` ``(N, d)``: each index's LayerNorm scale and shift
+
+    Initialisation is that of N separate ``nn.Linear(d, d)`` (Kaiming-uniform weight with
+    a=sqrt(5), bias uniform in +-1/sqrt(d)) and ``nn.LayerNorm(d)`` (scale 1, shift 0),
+    drawn from the global RNG in the same order as N such modules built one after the
+    other, so a seeded model starts from the same numbers as the per-index loop it
+    replaces. ``context`` is accepted and ignored.
+    """
+
+    def __init__(self, n: int, d: int):
+        super().__init__(n, d)
+        self.weight = nn.Parameter(torch.empty(self.n, self.d, self.d))  # (N, d_out, d_in)
+        self.bias = nn.Parameter(torch.empty(self.n, self.d))  # (N, d)
+        self.norm_weight = nn.Parameter(torch.ones(self.n, self.d))  # (N, d)
+        self.norm_bias = nn.Parameter(torch.zeros(self.n, self.d))  # (N, d)
+        self.reset_parameters()
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters kept out of weight decay (biases and norms, as for N separate modules)."""
+        return {"bias", "norm_weight", "norm_bias"}
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise every index as ``nn.Linear(d, d)`` + ``nn.LayerNorm(d)`` would, index by index."""
+        bound = 1 / math.sqrt(self.d)  # nn.Linear's bias bound: 1/sqrt(fan_in)
+        for i in range(self.n):
+            nn.init.kaiming_uniform_(self.weight[i], a=math.sqrt(5))
+            nn.init.uniform_(self.bias[i], -bound, bound)
+        nn.init.ones_(self.norm_weight)
+        nn.init.zeros_(self.norm_bias)
+
+    def demultiplex(self, h: Tensor, **context) -> Tensor:
+        lead = h.shape[:-1]  # (B, ...)
+        flat = h.reshape(lead[0], -1, self.d)  # (B, M, d), M = product of the middle dims
+        z = torch.einsum("bmi,noi->bnmo", flat, self.weight) + self.bias[None, :, None, :]  # (B, N, M, d)
+        z = F.layer_norm(F.gelu(z), (self.d,))  # normalise each d-vector, no affine yet
+        z = z * self.norm_weight[None, :, None, :] + self.norm_bias[None, :, None, :]  # per-index scale, shift
+        return z.reshape(lead[0], self.n, *lead[1:], self.d)  # (B, N, ..., d)

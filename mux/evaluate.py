@@ -1,56 +1,154 @@
 """Evaluation that counts every example, for any N and any dataset size.
 
-Examples are grouped into tuples in dataset order (instances 0..N-1 form the first tuple,
-and so on); the last, incomplete tuple is padded with copies whose outputs are dropped.
-The result is exactly one prediction per example, in dataset order.
+**Grouping policy.** Examples are grouped into tuples of N through a fixed permutation of
+the dataset drawn from ``order_seed`` (default 0), not in dataset order: many datasets are
+sorted by class (``ImageFolder``, ImageNet's validation set), and tuples of consecutive
+examples would then hold N examples of one class, which flatters a multiplexed model.
+The last, incomplete tuple is padded with copies whose outputs are dropped. The outputs
+are put back in dataset order, so the result is exactly one prediction per example, in
+dataset order, whatever the permutation. ``order_seed=None`` groups in dataset order.
+
+**Batches.** A dataset yields ``(x, label)`` pairs, or dicts of tensors with a ``labels``
+key (text, batched by a ``collate_fn`` such as ``transformers.DataCollatorWithPadding``);
+the dict minus ``labels`` is passed to the model as keyword arguments. The model returns
+logits ``(B, N, C)`` (one label per example) or ``(B, N, L, C)`` (one per token), or a dict /
+dataclass with a ``logits`` entry. Token-level outputs of different lengths are padded to
+the longest, with label ``-100`` (ignored) in the padding, as ``transformers`` does.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .grouping import check_n, multiplexed_forward
 
-__all__ = ["predict_logits", "predict", "evaluate"]
+__all__ = ["IGNORE_INDEX", "split_batch", "logits_of", "predict_logits", "predict", "evaluate"]
+
+IGNORE_INDEX = -100  # label of positions that are not scored (padding, unlabelled tokens)
 
 
-def _loader(data: Dataset, n: int, batch_size: int) -> DataLoader:
-    check_n(batch_size, name="batch_size")
-    size = max(n, batch_size // n * n)  # whole tuples per batch: only the last batch pads
-    return DataLoader(data, batch_size=size, shuffle=False)
+def split_batch(batch) -> tuple[object, Tensor]:
+    """``(inputs, labels)`` of a batch: ``(x, y)`` pairs, or a dict with a ``labels`` key."""
+    if isinstance(batch, Mapping):
+        if "labels" not in batch:
+            raise KeyError(f"a dict batch needs a 'labels' entry to be scored; it has keys {list(batch)}")
+        return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise TypeError(
+        f"expected a batch (inputs, labels) or a dict with 'labels', got {type(batch).__name__}"
+        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+    )
+
+
+def logits_of(output) -> Tensor:
+    """The logits of a model output: the tensor itself, or its ``logits`` entry."""
+    if isinstance(output, Tensor):
+        return output
+    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+    if logits is None:
+        raise KeyError(f"the model output ({type(output).__name__}) has no 'logits' entry")
+    return logits
+
+
+def _to(inputs, device: torch.device, dtype: torch.dtype):
+    """Move inputs to the model's device; floating inputs also take the model's dtype (e.g. bf16)."""
+
+    def one(t):
+        if not isinstance(t, Tensor):
+            return t
+        return t.to(device, dtype=dtype) if t.is_floating_point() else t.to(device)
+
+    return {k: one(v) for k, v in inputs.items()} if isinstance(inputs, Mapping) else one(inputs)
+
+
+def _cat_padded(parts: list[Tensor], value: float) -> Tensor:
+    """Concatenate along dim 0, padding dim 1 (tokens) to the longest part when they differ."""
+    if parts[0].dim() < 2 or len({p.shape[1] for p in parts}) == 1:
+        return torch.cat(parts)
+    longest = max(p.shape[1] for p in parts)
+    padded = []
+    for p in parts:
+        extra = p.new_full((p.shape[0], longest - p.shape[1], *p.shape[2:]), value)
+        padded.append(torch.cat([p, extra], dim=1))
+    return torch.cat(padded)
+
+
+def evaluation_order(size: int, order_seed: int | None) -> Tensor:
+    """The permutation through which ``size`` examples are grouped into tuples."""
+    if order_seed is None:
+        return torch.arange(size)
+    return torch.randperm(size, generator=torch.Generator().manual_seed(int(order_seed)))
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, data: Dataset, n: int, batch_size: int = 256, device=None) -> tuple[Tensor, Tensor]:
-    """Return ``(logits (M, classes), labels (M,))`` for all M examples of ``data``, in order."""
+def predict_logits(model: nn.Module, data: Dataset, n: int, batch_size: int = 256, device=None,
+                   collate_fn=None, order_seed: int | None = 0) -> tuple[Tensor, Tensor]:
+    """Return ``(logits, labels)`` for all M examples of ``data``, in dataset order.
+
+    ``logits`` is ``(M, C)`` and ``labels`` ``(M,)`` for one label per example; for one
+    label per token, ``(M, L, C)`` and ``(M, L)`` with ``L`` the longest sequence and
+    ``IGNORE_INDEX`` in the padding. See the module docstring for the grouping policy.
+    """
     check_n(n)
-    if len(data) == 0:
+    check_n(batch_size, name="batch_size")
+    size = len(data)
+    if size == 0:
         raise ValueError("cannot evaluate on an empty dataset")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    param = next(model.parameters(), None)
+    device = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    order = evaluation_order(size, order_seed)
+    per_batch = max(n, batch_size // n * n)  # whole tuples per batch: only the last batch pads
+    loader = DataLoader(Subset(data, order.tolist()), batch_size=per_batch, shuffle=False, collate_fn=collate_fn)
     was_training = model.training
     model.eval()
     logits, labels = [], []
     try:
-        for x, y in _loader(data, n, batch_size):
-            logits.append(multiplexed_forward(model, x.to(device), n).float().cpu())
-            labels.append(torch.as_tensor(y))
+        for batch in loader:
+            inputs, y = split_batch(batch)
+            out = logits_of(multiplexed_forward(model, _to(inputs, device, dtype), n))
+            logits.append(out.float().cpu())
+            labels.append(torch.as_tensor(y).cpu())
     finally:
         model.train(was_training)
-    return torch.cat(logits), torch.cat(labels)
+    logits, labels = _cat_padded(logits, 0.0), _cat_padded(labels, IGNORE_INDEX)
+    if logits.shape[0] != size or labels.shape[0] != size:
+        raise RuntimeError(f"evaluation produced {logits.shape[0]} outputs for {size} examples")
+    back = torch.empty_like(order)
+    back[order] = torch.arange(size)
+    return logits[back], labels[back]
 
 
-def predict(model: nn.Module, data: Dataset, n: int, batch_size: int = 256, device=None) -> Tensor:
-    """Predicted class of every example of ``data``, in dataset order: shape ``(len(data),)``."""
-    logits, _ = predict_logits(model, data, n, batch_size, device)
+def predict(model: nn.Module, data: Dataset, n: int, batch_size: int = 256, device=None, collate_fn=None,
+            order_seed: int | None = 0) -> Tensor:
+    """Predicted class of every example (or token) of ``data``, in dataset order."""
+    logits, _ = predict_logits(model, data, n, batch_size, device, collate_fn, order_seed)
     return logits.argmax(dim=-1)
 
 
-def evaluate(model: nn.Module, data: Dataset, n: int, batch_size: int = 256, device=None) -> dict:
-    """Accuracy and cross-entropy over every example: ``{"accuracy", "loss", "n_examples"}``."""
-    logits, labels = predict_logits(model, data, n, batch_size, device)
-    return {
-        "accuracy": (logits.argmax(-1) == labels).float().mean().item(),
-        "loss": nn.functional.cross_entropy(logits, labels).item(),
-        "n_examples": int(labels.numel()),
+def evaluate(model: nn.Module, data: Dataset, n: int, batch_size: int = 256, device=None, collate_fn=None,
+             order_seed: int | None = 0) -> dict:
+    """Accuracy and cross-entropy over every example: ``{"accuracy", "loss", "n_examples"}``.
+
+    For token-level tasks both are over the labelled tokens (label != ``IGNORE_INDEX``),
+    whose number is added as ``n_scored``.
+    """
+    logits, labels = predict_logits(model, data, n, batch_size, device, collate_fn, order_seed)
+    if logits.dim() != labels.dim() + 1:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
+    scored = labels != IGNORE_INDEX
+    flat_logits, flat_labels = logits[scored], labels[scored]
+    if flat_labels.numel() == 0:
+        raise ValueError("no example has a label to score (every label is IGNORE_INDEX)")
+    result = {
+        "accuracy": (flat_logits.argmax(-1) == flat_labels).float().mean().item(),
+        "loss": nn.functional.cross_entropy(flat_logits, flat_labels).item(),
+        "n_examples": int(labels.shape[0]),
     }
+    if labels.dim() > 1:
+        result["n_scored"] = int(flat_labels.numel())
+    return result

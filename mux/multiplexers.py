@@ -5,12 +5,68 @@ transforms phi_i and the mean over instances:
 
     x_mix = (1/N) * sum_i phi_i(x_i)
 
-Every multiplexer here acts on the last dimension (size d) and keeps any dimensions in
-between, so the same module mixes vectors ``(B, N, d) -> (B, d)``, token sequences
-``(B, N, L, d) -> (B, L, d)`` (T-MUX) or channels-last feature maps
-``(B, N, H, W, d) -> (B, H, W, d)`` (the CNN backbone). The transforms are drawn once from
-an explicit seed and stored as buffers, so they are saved and restored with the model but
-never trained.
+The course uses this mean everywhere. The authors' code, for the orthogonal transform,
+uses the sum divided by sqrt(N) instead, ``sum_i phi_i(x_i) / sqrt(N)``: the same mixture
+times sqrt(N) (notebook 01, exercise 2, asks whether that constant matters).
+
+The contract every multiplexer follows
+--------------------------------------
+A multiplexer is a module ``forward(x, mask=None) -> mixed`` built from two steps that a
+subclass overrides::
+
+    z     = self.transform(x, mask)   # per instance:  (B, N, ..., d) -> (B, N, ..., d')
+    mixed = self.combine(z, mask)     # across the N:   (B, N, ..., d') -> (B, ..., d')
+
+- ``x`` has shape ``(B, N, ..., d)``: B tuples of N instances, any dimensions in between
+  (none for vectors, ``L`` for token sequences, ``H, W`` for channels-last feature maps),
+  and the feature dimension d last. ``forward`` checks N and d and raises a ValueError that
+  names the expected shape.
+- ``mask`` is optional, of shape ``x.shape[:-1]``, i.e. ``(B, N, ...)``: one entry per
+  instance and position, 1 (or True) for a real token, 0 (or False) for padding. With
+  ``mask=None`` every position is real.
+- ``transform`` acts on each instance separately (it may look at the instance's own mask,
+  e.g. as an attention mask). Default: the identity.
+- ``combine`` mixes the N transformed instances into one. Default: the mean over N,
+  DataMUX's eq. 1; with a mask, padding positions contribute zero and the sum is still
+  divided by N, so each real token keeps the weight 1/N whatever the other instances'
+  lengths (with a mask of all ones this is the plain mean). A subclass may combine
+  otherwise, e.g. by concatenating along the sequence dimension, so the output's shape is
+  whatever the subclass documents: ``(B, ..., d)`` for a mean, ``(B, N * L', d)`` for a
+  concatenation of N sequences of length L'.
+- Padding must never leak into the mixture where a subclass mixes token sequences: a
+  subclass that attends over tokens, picks tokens or concatenates them must use ``mask``
+  to ignore padding positions (and mask them out of its own attention). ``combine``
+  receives the mask as given to ``forward``; a subclass whose ``transform`` changes the
+  sequence length must therefore override ``combine`` as well.
+- ``forward`` returns the mixture only. A model whose backbone needs an attention mask
+  for the mixture derives it from ``mask`` itself (after a mean over N, a position is real
+  when any instance is real there: ``mux.grouping.union_mask``; after a concatenation,
+  concatenate the masks too).
+
+The chapters to come implement this contract with:
+
+- MUX-PLMs' contextual multiplexer: ``transform`` = a Transformer layer over each
+  instance's own sequence (attention mask = that instance's ``mask``), then the Hadamard
+  product with a fixed Gaussian vector per instance; ``combine`` = a Transformer layer
+  across the N instances at each position, then the mean over N.
+- ConcatPlexer's C-Multiplexer: ``transform`` = a 1-D convolution shortening each image's
+  L tokens to L/N; ``combine`` = concatenation of the N shortened sequences, ``(B, L, d)``.
+- MixViT's token CutMix: ``combine`` picks, at every position, the token of one source
+  instance.
+
+The three DataMUX multiplexers below act on the last dimension only, so the same module
+mixes vectors ``(B, N, d) -> (B, d)``, token sequences ``(B, N, L, d) -> (B, L, d)`` or
+channels-last feature maps ``(B, N, H, W, d) -> (B, H, W, d)`` (the CNN backbone). Their
+transforms are drawn once from an explicit seed and stored as buffers, so they are saved
+and restored with the model but never trained.
+
+Scale of the mixture: the mean does not keep the scale of its inputs. The orthogonal
+phi_i keeps the norm of its input exactly and the Gaussian-Hadamard phi_i on average, but
+the mean of N terms pointing in unrelated directions has a norm of about 1/sqrt(N) times
+that of one instance. Binary-Hadamard loses more: each phi_i keeps d/N of the d dimensions
+(about 1/sqrt(N) of the norm), the N blocks are disjoint, and the mean divides their
+concatenation by N, so the mixture has about 1/N of one instance's norm.
+``tests/test_multiplexers.py`` measures both, with independent Gaussian instances.
 """
 from __future__ import annotations
 
@@ -32,10 +88,14 @@ __all__ = [
 
 
 class Multiplexer(nn.Module):
-    """Base class: per-instance fixed transform, then the mean over the N instances.
+    """Base class: ``forward(x, mask=None)`` = ``combine(transform(x, mask), mask)``.
 
-    Subclasses implement :meth:`transform`, ``(B, N, ..., d) -> (B, N, ..., d)``.
-    ``forward`` checks the input shape and returns ``(B, ..., d)``.
+    ``x``: ``(B, N, ..., d)``; ``mask``: ``(B, N, ...)`` with 1 for real tokens and 0 for
+    padding, or None (all real). See the module docstring for the full contract.
+
+    On its own, ``Multiplexer(n, d)`` is the plain mean of the N instances (identity
+    transform, mean over N): the "no transform at all" baseline. Subclasses override
+    :meth:`transform` (per instance) and/or :meth:`combine` (across instances).
     """
 
     def __init__(self, n: int, d: int, seed: int = 0):
@@ -47,19 +107,48 @@ class Multiplexer(nn.Module):
     def _generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed)
 
-    def check_input(self, x: Tensor) -> None:
+    def check_input(self, x: Tensor, mask: Tensor | None = None) -> None:
+        """Raise a ValueError unless ``x`` is ``(B, N, ..., d)`` and ``mask`` is None or ``(B, N, ...)``
+        holding only 0s and 1s."""
         if x.dim() < 3 or x.shape[1] != self.n or x.shape[-1] != self.d:
             raise ValueError(
                 f"{type(self).__name__} expects (B, N={self.n}, ..., d={self.d}), "
                 f"got shape {tuple(x.shape)}"
             )
+        if mask is None:
+            return
+        if tuple(mask.shape) != tuple(x.shape[:-1]):
+            raise ValueError(
+                f"{type(self).__name__} expects a mask of shape (B, N, ...) = x.shape[:-1] = "
+                f"{tuple(x.shape[:-1])} (1 = real token, 0 = padding), got shape {tuple(mask.shape)}"
+            )
+        if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError(f"{type(self).__name__} expects a mask of 0s and 1s (or booleans), got other values")
 
-    def transform(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def transform(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Per-instance step, ``(B, N, ..., d) -> (B, N, ..., d')``. Default: the identity."""
+        return x
 
-    def forward(self, x: Tensor) -> Tensor:
-        self.check_input(x)
-        return self.transform(x).mean(dim=1)
+    def combine(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Across-instance step, ``(B, N, ..., d') -> (B, ..., d')``. Default: the mean over N.
+
+        With a mask ``(B, N, ...)``, padding positions contribute zero and the sum is still
+        divided by N (a mask of all ones gives the plain mean).
+        """
+        if mask is None:
+            return z.mean(dim=1)
+        if tuple(mask.shape) != tuple(z.shape[:-1]):
+            raise ValueError(
+                f"{type(self).__name__}.combine (mean over N) expects a mask of shape z.shape[:-1] = "
+                f"{tuple(z.shape[:-1])}, got {tuple(mask.shape)}; a transform that changes the "
+                "sequence length needs its own combine"
+            )
+        return (z * mask.unsqueeze(-1).to(z.dtype)).sum(dim=1) / self.n
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Mix ``x`` ``(B, N, ..., d)`` (optional ``mask`` ``(B, N, ...)``) into one representation."""
+        self.check_input(x, mask)
+        return self.combine(self.transform(x, mask), mask)
 
     def _per_instance(self, v: Tensor, x: Tensor) -> Tensor:
         """Reshape an ``(N, d)`` table so it broadcasts against ``(B, N, ..., d)``."""
@@ -73,7 +162,9 @@ class OrthogonalMultiplexer(Multiplexer):
     """phi_i(x) = Q_i x with Q_i a Haar-random d x d orthogonal matrix (buffer ``weight``, (N, d, d)).
 
     Each Q_i is drawn with ``torch.nn.init.orthogonal_`` (QR of a Gaussian matrix with the
-    sign fix that makes it Haar-distributed) from one generator seeded by ``seed``.
+    sign fix that makes it Haar-distributed) from one generator seeded by ``seed``. Each
+    phi_i keeps the norm of its input exactly; the mean over N of independent instances
+    has about 1/sqrt(N) of that norm.
     """
 
     def __init__(self, n: int, d: int, seed: int = 0):
@@ -84,7 +175,7 @@ class OrthogonalMultiplexer(Multiplexer):
             nn.init.orthogonal_(weight[i], generator=g)
         self.register_buffer("weight", weight)
 
-    def transform(self, x: Tensor) -> Tensor:
+    def transform(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         flat = x.reshape(x.shape[0], self.n, -1, self.d)  # (B, N, M, d)
         out = torch.einsum("bnmd,ned->bnme", flat, self.weight.to(x.dtype))
         return out.reshape(x.shape)
@@ -93,8 +184,9 @@ class OrthogonalMultiplexer(Multiplexer):
 class GaussianHadamardMultiplexer(Multiplexer):
     """phi_i(x) = v_i * x (element-wise), v_i a fixed Gaussian vector (buffer ``weight``, (N, d)).
 
-    Rows are L2-normalised and scaled by sqrt(d), so every v_i has unit mean square and
-    the mixture keeps the scale of its inputs.
+    Rows are L2-normalised and scaled by sqrt(d), so every v_i has unit mean square and each
+    phi_i keeps, on average, the norm of its input. The mixture does not: the mean over N
+    of independent instances has about 1/sqrt(N) of one instance's norm.
     """
 
     def __init__(self, n: int, d: int, seed: int = 0):
@@ -103,16 +195,17 @@ class GaussianHadamardMultiplexer(Multiplexer):
         v = v / v.norm(dim=1, keepdim=True) * math.sqrt(self.d)
         self.register_buffer("weight", v)
 
-    def transform(self, x: Tensor) -> Tensor:
+    def transform(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         return x * self._per_instance(self.weight, x)
 
 
 class BinaryHadamardMultiplexer(Multiplexer):
     """phi_i(x) = m_i * x with m_i a 0/1 mask keeping instance i's own block of about d/N dims.
 
-    The blocks are contiguous and disjoint (buffer ``weight``, (N, d)), so the mixture is a
-    concatenation of one slice of each instance. Needs d >= N. Deterministic: ``seed`` is
-    accepted for a uniform signature and ignored.
+    The blocks are contiguous and disjoint (buffer ``weight``, (N, d)), so the sum over N is
+    a concatenation of one slice of each instance, and the mean is that concatenation
+    divided by N: its norm is about 1/N of one instance's. Needs d >= N. Deterministic:
+    ``seed`` is accepted for a uniform signature and ignored.
     """
 
     def __init__(self, n: int, d: int, seed: int = 0):
@@ -124,7 +217,7 @@ class BinaryHadamardMultiplexer(Multiplexer):
             mask[i, block] = 1.0
         self.register_buffer("weight", mask)
 
-    def transform(self, x: Tensor) -> Tensor:
+    def transform(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         return x * self._per_instance(self.weight, x)
 
 

@@ -33,6 +33,11 @@ def parse(argv):
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (weight matrices only)")
+    p.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per optimiser step")
+    p.add_argument("--max-grad-norm", type=float, default=0.0, help="gradient clipping (0: none)")
+    p.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes")
+    p.add_argument("--deterministic", action="store_true", help="deterministic kernels (bit-exact resume on a GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
@@ -47,6 +52,8 @@ def main(argv=None) -> int:
                                            multiplexer=args.multiplexer, width=args.width, depth=args.depth)
     cfg = mux.TrainConfig(
         max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, cpu=args.cpu,
+        weight_decay=args.weight_decay, grad_accum_steps=args.grad_accum_steps, max_grad_norm=args.max_grad_norm,
+        num_workers=args.num_workers, deterministic=args.deterministic,
         checkpoint_dir=os.path.join(args.out, "checkpoints"), checkpoint_every=args.checkpoint_every,
         description=f"{args.backbone} N={args.n_mux}")
     result = mux.train(model, data.train, cfg, args.n_mux)

@@ -18,7 +18,7 @@ DATAMUX = ROOT / "notebooks" / "01_datamux.ipynb"
 
 # A few seconds of training: the code paths of a full-scale run, not its accuracy.
 TINY = dict(n_values=[1, 3], multiplexers=["orthogonal", "binary_hadamard"], compare_n=3, mlp_width=32,
-            mlp_steps=30, cnn_width=8, cnn_steps=20, batch_size=48, assert_targets=False)
+            mlp_steps=30, cnn_width=8, cnn_steps=20, batch_size=48, assert_targets=False, device="cpu")
 
 
 def run(notebook, tmp_path, **parameters):
@@ -59,12 +59,15 @@ def test_datamux_runs_on_other_parameters_and_resumes(tmp_path):
     assert set(first["headline"]) == {"mlp_acc_n1", "mlp_acc_n3", "cnn_acc_n1", "cnn_acc_n3",
                                       "mlp_orthogonal_acc_n3", "mlp_binary_hadamard_acc_n3"}
     assert first["n_test_examples"] == 360 and first["parameters"]["n_values"] == [1, 3]
-    assert sorted(p.name for p in (ckpt / "cnn_orthogonal_n3").iterdir()) == ["checkpoint-00000010",
+    assert sorted(p.name for p in (ckpt / "cnn_orthogonal_n3_seed0").iterdir()) == ["checkpoint-00000010",
                                                                               "checkpoint-00000020"]
     # the same command again resumes every model from its final checkpoint: same results
     run(DATAMUX, tmp_path, **dict(params, out_dir=str(tmp_path / "m2")))
     second = json.loads((tmp_path / "m2" / "01_datamux.json").read_text())
     assert second["headline"] == first["headline"]
+    # another seed pointed at the same folder trains its own models, in folders of their own
+    run(DATAMUX, tmp_path, **dict(params, out_dir=str(tmp_path / "m3"), seed=1, n_values=[3], multiplexers=["orthogonal"]))
+    assert (ckpt / "cnn_orthogonal_n3_seed1").is_dir()
 
 
 @pytest.mark.notebook

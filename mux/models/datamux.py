@@ -11,19 +11,21 @@ CNN backbone: the front is a 3x3 convolution to d channels; the multiplexer mixe
 feature maps at every pixel over the channel dimension (for the orthogonal multiplexer that
 is a fixed 1x1 convolution per instance); the backbone is ``depth`` blocks of 3x3
 convolution + GELU (with 2x2 max-pooling while the map is at least 8 pixels wide) and a
-global average pool. Demultiplexing happens on the pooled d-vector.
+global average pool (:class:`SpatialMean`, the mean over H and W). Demultiplexing happens
+on the pooled d-vector.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import torch
 from torch import Tensor, nn
 
 from ..demultiplexers import MLPDemultiplexer
 from ..grouping import check_n
 from ..multiplexers import MULTIPLEXERS, make_multiplexer
 
-__all__ = ["DataMUXConfig", "DataMUXClassifier"]
+__all__ = ["DataMUXConfig", "DataMUXClassifier", "SpatialMean"]
 
 BACKBONES = ("mlp", "cnn")
 
@@ -57,6 +59,22 @@ class DataMUXConfig:
         return asdict(self)
 
 
+class SpatialMean(nn.Module):
+    """Global average pool: ``(B, C, H, W) -> (B, C)``, the mean over H and W.
+
+    The same numbers as ``nn.AdaptiveAvgPool2d(1)`` followed by ``nn.Flatten()``, built from
+    a plain mean, whose backward is deterministic on every device. PyTorch lists the CUDA
+    backward of ``AdaptiveAvgPool2d`` as nondeterministic (``torch.use_deterministic_algorithms``);
+    recent versions route output size 1 to this same mean, but exact resume on a GPU should
+    not depend on that routing, so the model says what it computes.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"SpatialMean expects (B, C, H, W), got shape {tuple(x.shape)}")
+        return x.mean(dim=(2, 3))
+
+
 class DataMUXClassifier(nn.Module):
     """DataMUX classifier: ``(B, N, C, H, W) -> (B, N, num_classes)`` logits.
 
@@ -79,7 +97,7 @@ class DataMUXClassifier(nn.Module):
                 if size >= 8:
                     layers.append(nn.MaxPool2d(2))
                     size //= 2
-            self.backbone = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.backbone = nn.Sequential(*layers, SpatialMean())  # (B, d)
         self.mux = make_multiplexer(c.multiplexer, c.n_mux, d, seed=c.mux_seed)
         self.demux = MLPDemultiplexer(c.n_mux, d)
         self.head = nn.Linear(d, c.num_classes)
@@ -96,12 +114,26 @@ class DataMUXClassifier(nn.Module):
                                  mux_seed=seed, **config))
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x``: ``(B, N, C, H, W)`` floating-point images -> ``(B, N, num_classes)`` logits.
+
+        A floating-point ``x`` in another dtype than the parameters (say float64 images for a
+        float32 model) is cast to the parameters' dtype; an integer ``x`` (e.g. uint8 pixels)
+        is rejected: convert and scale it first, as the data loaders of ``data_utils`` do.
+        """
         c = self.config
         if x.dim() != 5 or x.shape[1] != c.n_mux or tuple(x.shape[2:]) != c.in_shape:
             raise ValueError(
                 f"DataMUXClassifier expects (B, N={c.n_mux}, C, H, W) with (C, H, W)={c.in_shape}, "
                 f"got shape {tuple(x.shape)}; group a flat batch with mux.group or mux.multiplexed_forward"
             )
+        if not torch.is_floating_point(x):
+            raise TypeError(
+                f"DataMUXClassifier expects floating-point images, got dtype {x.dtype}; "
+                "convert them first, e.g. x.float() / 255 for uint8 pixels"
+            )
+        dtype = self.head.weight.dtype
+        if x.dtype != dtype:
+            x = x.to(dtype)  # e.g. float64 images into a float32 model
         b, n = x.shape[:2]
         z = self.front(x.flatten(0, 1))  # (B*N, d) or (B*N, d, H, W)
         if c.backbone == "cnn":
