@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .grouping import check_n, multiplexed_forward
 
-__all__ = ["IGNORE_INDEX", "split_batch", "logits_of", "predict_logits", "predict", "evaluate"]
+__all__ = ["IGNORE_INDEX", "split_batch", "logits_of", "evaluation_order", "predict_logits", "predict", "evaluate"]
 
 IGNORE_INDEX = -100  # label of positions that are not scored (padding, unlabelled tokens)
 

@@ -555,8 +555,9 @@ def train(
 
     accum = cfg.grad_accum_steps
     stream = micro_batches(step * accum)
-    # at most two updates a second: in a notebook each update is a message to the front end,
-    # and a cell that trains many models must not flood the kernel's output channel
+    # at most two updates a second, the loss shown at the next one: in a notebook each update
+    # is a message to the front end, and a cell that trains many models must not flood the
+    # kernel's output channel (a client that reads it only when the cell ends loses messages)
     bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.description, leave=False, mininterval=0.5,
                disable=not (cfg.progress and accelerator.is_local_main_process))
     last_saved, totals, counted, updating, rng = resumed_from, {}, 0, False, None
@@ -589,7 +590,7 @@ def train(
                     means = accelerator.reduce(torch.stack([totals[k] for k in names]) / counted, "mean").tolist()
                     entry = {"step": step, "lr": scheduler.get_last_lr()[0], **dict(zip(names, means))}
                     history.append(entry)
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in entry.items() if k in totals})
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in entry.items() if k in totals}, refresh=False)
                     totals, counted = {}, 0
                 bar.update(1)
                 if root is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:

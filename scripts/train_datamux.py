@@ -28,6 +28,8 @@ def parse(argv):
     p.add_argument("--backbone", default="mlp", choices=["mlp", "cnn"])
     p.add_argument("--multiplexer", default="orthogonal", choices=sorted(mux.MULTIPLEXERS))
     p.add_argument("--n-mux", type=int, default=2)
+    p.add_argument("--vanilla", action="store_true", help="the non-multiplexed baseline: no multiplexer, no "
+                   "demultiplexer (needs --n-mux 1)")
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--steps", type=int, default=600)
@@ -49,7 +51,8 @@ def main(argv=None) -> int:
     args = parse(argv)
     data = load_image_dataset(args.dataset, args.data_dir, seed=args.seed)
     model = mux.DataMUXClassifier.for_data(data, args.n_mux, seed=args.seed, backbone=args.backbone,
-                                           multiplexer=args.multiplexer, width=args.width, depth=args.depth)
+                                           multiplexer=args.multiplexer, width=args.width, depth=args.depth,
+                                           vanilla=args.vanilla)
     cfg = mux.TrainConfig(
         max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, cpu=args.cpu,
         weight_decay=args.weight_decay, grad_accum_steps=args.grad_accum_steps, max_grad_norm=args.max_grad_norm,

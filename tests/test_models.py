@@ -259,3 +259,90 @@ def test_classifier_trains_and_every_instance_gets_gradients(backbone):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+# --- the vanilla (non-multiplexed) baseline ---------------------------------------------
+
+class TinySplits:
+    in_shape, num_classes = (1, 8, 8), 4
+
+
+@pytest.mark.parametrize("backbone", ["mlp", "cnn"])
+@pytest.mark.parametrize("in_shape", [(1, 8, 8), (3, 16, 16)])
+def test_vanilla_shapes(backbone, in_shape):
+    model = mux.DataMUXClassifier(n_mux=1, vanilla=True, backbone=backbone, in_shape=in_shape, width=8,
+                                  num_classes=7)
+    assert model(torch.randn(3, 1, *in_shape)).shape == (3, 1, 7)
+    assert mux.multiplexed_forward(model, torch.randn(5, *in_shape), 1).shape == (5, 7)
+    with pytest.raises(ValueError, match=r"expects \(B, N=1, C, H, W\)"):
+        model(torch.randn(3, 2, *in_shape))
+
+
+def test_vanilla_needs_n_equal_to_one():
+    for n in (2, 4):
+        with pytest.raises(ValueError, match=rf"vanilla=True .* needs n_mux=1, got n_mux={n}"):
+            mux.DataMUXConfig(n_mux=n, vanilla=True)
+        with pytest.raises(ValueError, match="needs n_mux=1"):
+            mux.DataMUXClassifier.for_data(TinySplits(), n, vanilla=True)
+    with pytest.raises(ValueError, match="vanilla must be True or False"):
+        mux.DataMUXConfig(n_mux=1, vanilla="yes")
+
+
+@pytest.mark.parametrize("backbone", ["mlp", "cnn"])
+def test_vanilla_has_no_multiplexer_or_demultiplexer(backbone):
+    model = mux.DataMUXClassifier.for_data(TinySplits(), 1, seed=0, vanilla=True, backbone=backbone, width=8)
+    assert model.mux is None and model.demux is None
+    assert not any(isinstance(m, (mux.Multiplexer, mux.Demultiplexer)) for m in model.modules())
+    names = [k for k in model.state_dict()]  # parameters and buffers
+    assert all(k.split(".")[0] in ("front", "backbone", "head") for k in names), names
+    assert "(mux)" not in repr(model) and "(demux)" not in repr(model)
+    datamux = mux.DataMUXClassifier.for_data(TinySplits(), 1, seed=0, backbone=backbone, width=8)
+    extra = sum(p.numel() for p in datamux.demux.parameters())
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in datamux.parameters()) - extra
+    assert model.config.to_dict()["vanilla"] is True
+    assert "vanilla" not in datamux.config.to_dict()  # DataMUX fingerprints unchanged by the new field
+
+
+@pytest.mark.parametrize("backbone", ["mlp", "cnn"])
+@pytest.mark.parametrize("multiplexer", ["orthogonal", "gaussian_hadamard"])
+def test_vanilla_starts_from_the_weights_of_the_datamux_model(backbone, multiplexer):
+    """Same seed: front, backbone and head identical to those of the DataMUX N=1 model."""
+    kw = dict(backbone=backbone, multiplexer=multiplexer, width=8)
+    vanilla = mux.DataMUXClassifier.for_data(TinySplits(), 1, seed=7, vanilla=True, **kw)
+    after_vanilla = torch.rand(1)  # the global RNG must be left where the DataMUX model leaves it
+    datamux = mux.DataMUXClassifier.for_data(TinySplits(), 1, seed=7, **kw)
+    assert torch.equal(torch.rand(1), after_vanilla)
+    ours, theirs = vanilla.state_dict(), datamux.state_dict()
+    shared = [k for k in theirs if k.split(".")[0] in ("front", "backbone", "head")]
+    assert sorted(ours) == sorted(shared)
+    for k in shared:
+        assert torch.equal(ours[k], theirs[k]), k
+    other = mux.DataMUXClassifier.for_data(TinySplits(), 1, seed=8, vanilla=True, **kw)
+    assert not torch.equal(other.head.weight, vanilla.head.weight)  # the seed does matter
+
+
+@pytest.mark.parametrize("backbone", ["mlp", "cnn"])
+def test_vanilla_forward_is_front_backbone_head(backbone):
+    torch.manual_seed(0)
+    model = mux.DataMUXClassifier(n_mux=1, vanilla=True, backbone=backbone, width=8).eval()
+    x = torch.randn(4, 1, 1, 8, 8)
+    with torch.no_grad():
+        expected = model.head(model.backbone(model.front(x[:, 0])))
+        torch.testing.assert_close(model(x), expected.unsqueeze(1))
+        torch.testing.assert_close(model(x.double()), model(x))
+
+
+@pytest.mark.parametrize("backbone", ["mlp", "cnn"])
+def test_vanilla_trains_and_evaluates_with_n_equal_to_one(backbone):
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 4, (64,), generator=g))
+    model = mux.DataMUXClassifier.for_data(TinySplits(), 1, seed=0, vanilla=True, backbone=backbone, width=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = mux.train(model, data, mux.TrainConfig(max_steps=5, batch_size=32, progress=False, cpu=True), 1)
+    assert result.steps == 5
+    after = result.model.state_dict()
+    assert any(not torch.equal(before[k], after[k].cpu()) for k in before)
+    metrics = mux.evaluate(result.model, data, 1, device="cpu")
+    assert metrics["n_examples"] == 64 and 0.0 <= metrics["accuracy"] <= 1.0

@@ -13,6 +13,17 @@ is a fixed 1x1 convolution per instance); the backbone is ``depth`` blocks of 3x
 convolution + GELU (with 2x2 max-pooling while the map is at least 8 pixels wide) and a
 global average pool (:class:`SpatialMean`, the mean over H and W). Demultiplexing happens
 on the pooled d-vector.
+
+Vanilla baseline (``vanilla=True``, needs N = 1): the same front, backbone and head with no
+multiplexer and no demultiplexer (``model.mux`` and ``model.demux`` are None)::
+
+    1 image -> front -> backbone -> head -> 1 logit vector
+
+It takes and returns the same shapes as the DataMUX model with N = 1, ``(B, 1, C, H, W) ->
+(B, 1, num_classes)``, so ``mux.train``, ``mux.evaluate`` and ``mux.multiplexed_forward``
+run it with n=1. With the same seed, its front, backbone and head start from exactly the
+weights of the DataMUX N = 1 model: the comparison then isolates what the multiplexer and
+the demultiplexer change.
 """
 from __future__ import annotations
 
@@ -42,9 +53,17 @@ class DataMUXConfig:
     width: int = 128  # d: embedding size (MLP) or channels (CNN)
     depth: int = 2  # backbone layers (MLP) or conv blocks (CNN)
     mux_seed: int = 0  # seed of the fixed multiplexing transforms
+    vanilla: bool = False  # True: the non-multiplexed baseline, no mux/demux (needs n_mux=1)
 
     def __post_init__(self):
         check_n(self.n_mux)
+        if not isinstance(self.vanilla, bool):
+            raise ValueError(f"vanilla must be True or False, got {self.vanilla!r}")
+        if self.vanilla and self.n_mux != 1:
+            raise ValueError(
+                f"vanilla=True is the non-multiplexed baseline (one instance per pass): it needs n_mux=1, "
+                f"got n_mux={self.n_mux}; use vanilla=False to multiplex {self.n_mux} instances"
+            )
         if self.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {self.backbone!r}; expected one of {list(BACKBONES)}")
         if self.multiplexer not in MULTIPLEXERS:
@@ -56,7 +75,13 @@ class DataMUXConfig:
             check_n(getattr(self, name), name=name)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as a dict. ``vanilla`` appears only when True, so a DataMUX model's
+        dict (and so its checkpoint fingerprint, ``mux.model_fingerprint``) is the same as
+        before the field existed and its older checkpoints still resume."""
+        d = asdict(self)
+        if not self.vanilla:
+            del d["vanilla"]
+        return d
 
 
 class SpatialMean(nn.Module):
@@ -79,6 +104,10 @@ class DataMUXClassifier(nn.Module):
     """DataMUX classifier: ``(B, N, C, H, W) -> (B, N, num_classes)`` logits.
 
     Use :func:`mux.multiplexed_forward` to run it on a flat batch ``(M, C, H, W)`` of any size.
+
+    With ``vanilla=True`` (and N = 1) it is the non-multiplexed baseline: ``mux`` and
+    ``demux`` are None (no such modules, no such parameters, nothing of them in ``print(model)``),
+    and the forward is front -> backbone -> head, ``(B, 1, C, H, W) -> (B, 1, num_classes)``.
     """
 
     def __init__(self, config: DataMUXConfig | None = None, **kwargs):
@@ -98,15 +127,25 @@ class DataMUXClassifier(nn.Module):
                     layers.append(nn.MaxPool2d(2))
                     size //= 2
             self.backbone = nn.Sequential(*layers, SpatialMean())  # (B, d)
-        self.mux = make_multiplexer(c.multiplexer, c.n_mux, d, seed=c.mux_seed)
-        self.demux = MLPDemultiplexer(c.n_mux, d)
+        # Built in this order for both models: the multiplexer draws its fixed transforms from
+        # its own generator (seeded by mux_seed), the demultiplexer its initial weights from the
+        # global RNG, which the head draws from next. The vanilla model builds both and throws
+        # them away, so the global RNG advances exactly as in the DataMUX model and, with the
+        # same seed, its head (like its front and backbone) starts from the same weights.
+        multiplexer = make_multiplexer(c.multiplexer, c.n_mux, d, seed=c.mux_seed)
+        demultiplexer = MLPDemultiplexer(c.n_mux, d)
+        self.mux = None if c.vanilla else multiplexer
+        self.demux = None if c.vanilla else demultiplexer
         self.head = nn.Linear(d, c.num_classes)
 
     @classmethod
     def for_data(cls, data, n_mux: int, seed: int = 0, **config) -> "DataMUXClassifier":
         """A classifier sized for ``data`` (anything with ``in_shape`` and ``num_classes``, e.g.
         ``data_utils.DatasetSplits``). ``seed`` seeds the fixed transforms and, through
-        ``mux.seed_everything``, the initialisation of the learned parts."""
+        ``mux.seed_everything``, the initialisation of the learned parts. ``config``: other
+        fields of :class:`DataMUXConfig`, e.g. ``for_data(data, 1, seed=0, vanilla=True)`` for
+        the baseline whose front, backbone and head start where those of
+        ``for_data(data, 1, seed=0)`` do."""
         from ..train import seed_everything
 
         seed_everything(seed)
@@ -134,6 +173,9 @@ class DataMUXClassifier(nn.Module):
         dtype = self.head.weight.dtype
         if x.dtype != dtype:
             x = x.to(dtype)  # e.g. float64 images into a float32 model
+        if c.vanilla:  # N = 1: one image per pass, nothing to mix or to separate
+            z = self.front(x[:, 0])  # (B, d) or (B, d, H, W), channels first
+            return self.head(self.backbone(z)).unsqueeze(1)  # (B, d) -> (B, 1, num_classes)
         b, n = x.shape[:2]
         z = self.front(x.flatten(0, 1))  # (B*N, d) or (B*N, d, H, W)
         if c.backbone == "cnn":
@@ -143,3 +185,6 @@ class DataMUXClassifier(nn.Module):
             mixed = mixed.permute(0, 3, 1, 2)
         h = self.backbone(mixed)  # (B, d)
         return self.head(self.demux(h))  # (B, N, num_classes)
+
+    def extra_repr(self) -> str:
+        return "vanilla: no multiplexer, no demultiplexer" if self.config.vanilla else ""
