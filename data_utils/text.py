@@ -37,6 +37,8 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from mux.evaluate import IGNORE_INDEX  # -100: positions that are not scored
+
 __all__ = [
     "TEXT_TASKS",
     "SentenceRecord",
@@ -50,7 +52,6 @@ __all__ = [
     "load_text_task",
 ]
 
-IGNORE_INDEX = -100  # the same value as mux.evaluate.IGNORE_INDEX: positions that are not scored
 
 TEXT_TASKS = ("word_order", "next_sentence", "casing")
 

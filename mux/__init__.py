@@ -13,7 +13,7 @@ inputs (N) -> front -> multiplexer -> shared backbone -> demultiplexer -> head -
 """
 from . import plots
 from .demultiplexers import Demultiplexer, MLPDemultiplexer
-from .env import pick_device, versions
+from .env import device_of, pick_device, versions
 from .evaluate import IGNORE_INDEX, evaluate, evaluation_order, predict, predict_logits
 from .grouping import check_n, group, multiplexed_forward, pad_to_multiple, ungroup, union_mask
 from .losses import classification_loss
@@ -28,7 +28,7 @@ from .multiplexers import (
 )
 from .params import ParameterError, check_parameters
 from .reporting import paper_vs_ours, read_metrics, summary_table, write_metrics
-from .throughput import measure_throughput, throughput_ratios
+from .throughput import flops_per_instance, measure_throughput, throughput_ratios
 from .train import (
     TrainConfig,
     TrainResult,

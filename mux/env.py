@@ -6,12 +6,19 @@ import platform
 
 import torch
 
-__all__ = ["pick_device", "versions"]
+__all__ = ["device_of", "pick_device", "versions"]
 
 COURSE_PACKAGES = (
     "torch", "torchvision", "timm", "transformers", "accelerate", "scikit-learn",
     "matplotlib", "ipywidgets", "tqdm", "papermill",
 )
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    """The device of a model's first parameter (or buffer); the CPU for a model with neither."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
 def pick_device(preference: str = "auto") -> torch.device:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .env import device_of
 from .grouping import check_n, multiplexed_forward
 
 __all__ = ["IGNORE_INDEX", "split_batch", "logits_of", "evaluation_order", "predict_logits", "predict", "evaluate"]
@@ -98,8 +99,8 @@ def predict_logits(model: nn.Module, data: Dataset, n: int, batch_size: int = 25
     size = len(data)
     if size == 0:
         raise ValueError("cannot evaluate on an empty dataset")
+    device = torch.device(device) if device is not None else device_of(model)
     param = next(model.parameters(), None)
-    device = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     order = evaluation_order(size, order_seed)
     per_batch = max(n, batch_size // n * n)  # whole tuples per batch: only the last batch pads

@@ -33,11 +33,11 @@ __all__ = [
 ]
 
 
-def check_n(n: object, name: str = "N") -> int:
-    """Return ``n`` if it is an integer >= 1, else raise a ValueError that says so."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+def check_n(n: object, name: str = "N", minimum: int = 1) -> int:
+    """Return ``n`` if it is an integer >= ``minimum`` (not a bool), else raise a ValueError that says so."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < minimum:
         what = "N (instances multiplexed together)" if name == "N" else name
-        raise ValueError(f"{what} must be an integer >= 1, got {n!r}")
+        raise ValueError(f"{what} must be an integer >= {minimum}, got {n!r}")
     return n
 
 

@@ -1,4 +1,7 @@
-"""Measured inference throughput: how many instances per second a model classifies.
+"""What a forward pass costs: measured throughput (instances per second) and counted FLOPs.
+
+:func:`flops_per_instance` counts operations per instance, part by part; operations are not
+time, so :func:`measure_throughput` measures time.
 
 The point of multiplexing is speed: N instances share one pass through the backbone. The
 course reports that speed the way it is felt, in instances per second, measured.
@@ -50,7 +53,8 @@ import statistics
 import torch
 from torch import Tensor, nn
 
-from .grouping import multiplexed_forward
+from .env import device_of
+from .grouping import check_n, multiplexed_forward
 
 
 def _timer_class():
@@ -68,7 +72,7 @@ def _timer_class():
         log.setLevel(level)
     return Timer
 
-__all__ = ["measure_throughput", "throughput_ratios", "trial_order"]
+__all__ = ["measure_throughput", "throughput_ratios", "trial_order", "flops_per_instance"]
 
 
 def trial_order(names: list[str], trials: int, seed: int = 0) -> list[list[str]]:
@@ -76,21 +80,6 @@ def trial_order(names: list[str], trials: int, seed: int = 0) -> list[list[str]]
     each a seeded random permutation of ``names`` (every model once per round)."""
     rng = random.Random(seed)
     return [rng.sample(list(names), len(names)) for _ in range(trials)]
-
-
-def _check_int(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (or buffer); the CPU for a model with neither."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 def _check_models(models: object) -> dict[str, tuple[nn.Module, int]]:
@@ -105,7 +94,7 @@ def _check_models(models: object) -> dict[str, tuple[nn.Module, int]]:
         if not ok:
             raise ValueError(f"models[{name!r}] must be a pair (model, N) with an nn.Module and its N, "
                              f"got {type(entry).__name__}")
-        checked[name] = (entry[0], _check_int(entry[1], f"N of models[{name!r}]", 1))
+        checked[name] = (entry[0], check_n(entry[1], f"N of models[{name!r}]"))
     return checked
 
 
@@ -149,16 +138,16 @@ def measure_throughput(
     models = _check_models(models)
     if not isinstance(example, Tensor):
         raise ValueError(f"example must be a tensor holding one instance, e.g. (C, H, W); got {type(example).__name__}")
-    _check_int(instances, "instances", 1)
-    _check_int(trials, "trials", 1)
-    _check_int(warmup, "warmup", 0)
+    check_n(instances, "instances")
+    check_n(trials, "trials")
+    check_n(warmup, "warmup", minimum=0)
     if isinstance(min_run_time, bool) or not isinstance(min_run_time, (int, float)) or not min_run_time > 0:
         raise ValueError(f"min_run_time must be a number of seconds > 0, got {min_run_time!r}")
 
     flat = _instances(example, instances, seed)  # (instances, *example.shape) on the CPU
     inputs, timers, was_training = {}, {}, {}
     for name, (model, n) in models.items():
-        x = inputs[name] = flat.to(_device_of(model))  # on the model's device, outside the timing
+        x = inputs[name] = flat.to(device_of(model))  # on the model's device, outside the timing
         timers[name] = _timer_class()(
             stmt="multiplexed_forward(model, x, n)",
             globals={"multiplexed_forward": multiplexed_forward, "model": model, "x": x, "n": n},
@@ -210,3 +199,23 @@ def throughput_ratios(results: dict[str, dict], baseline: str) -> dict[str, floa
         raise ValueError(f"unknown baseline {baseline!r}; expected one of {list(results)}")
     base = results[baseline]["instances_per_second"]
     return {name: r["instances_per_second"] / base for name, r in results.items()}
+
+
+def flops_per_instance(model: nn.Module, n: int, example: Tensor, parts: tuple[str, ...], tuples: int = 8) -> dict:
+    """Forward FLOPs per instance of each named part of ``model`` (its direct submodules).
+
+    One forward pass of ``tuples`` tuples of N instances shaped like ``example`` (one
+    instance), counted by ``torch.utils.flop_counter.FlopCounterMode`` and divided by the
+    number of instances. The counter counts matrix products and convolutions only, not
+    element-wise operations (activations, norms, Hadamard products); a part the model lacks
+    (e.g. a vanilla model's multiplexer) counts 0.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    check_n(n)
+    check_n(tuples, "tuples")
+    x = torch.zeros(tuples, n, *example.shape, dtype=example.dtype, device=device_of(model))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    per_module, prefix = counter.get_flop_counts(), type(model).__name__
+    return {part: sum(per_module.get(f"{prefix}.{part}", {}).values()) / (tuples * n) for part in parts}

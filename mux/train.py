@@ -161,8 +161,7 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "log_every", "grad_accum_steps", "keep_checkpoints"):
             check_n(getattr(self, name), name=name)
         for name in ("checkpoint_every", "warmup_steps", "num_workers"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+            check_n(getattr(self, name), name=name, minimum=0)
         for name in ("lr", "weight_decay", "max_grad_norm"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value) or value < 0:

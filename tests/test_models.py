@@ -300,7 +300,7 @@ def test_vanilla_has_no_multiplexer_or_demultiplexer(backbone):
     extra = sum(p.numel() for p in datamux.demux.parameters())
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in datamux.parameters()) - extra
     assert model.config.to_dict()["vanilla"] is True
-    assert "vanilla" not in datamux.config.to_dict()  # DataMUX fingerprints unchanged by the new field
+    assert datamux.config.to_dict()["vanilla"] is False
 
 
 @pytest.mark.parametrize("backbone", ["mlp", "cnn"])

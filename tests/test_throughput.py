@@ -152,3 +152,16 @@ def test_bad_input_is_refused_with_a_clear_message():
         mux.throughput_ratios(results, "b")
     with pytest.raises(ValueError, match="non-empty dict"):
         mux.throughput_ratios({}, "a")
+
+
+def test_flops_per_instance_counts_each_part_per_instance():
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = torch.nn.Linear(6, 4), torch.nn.Linear(4, 3)
+
+        def forward(self, x):  # (B, N, 6) -> (B, N, 3)
+            return self.second(self.first(x))
+
+    counts = mux.flops_per_instance(Two(), 2, torch.zeros(6), parts=("first", "second", "absent"))
+    assert counts == {"first": 2 * 6 * 4, "second": 2 * 4 * 3, "absent": 0}

@@ -75,13 +75,7 @@ class DataMUXConfig:
             check_n(getattr(self, name), name=name)
 
     def to_dict(self) -> dict:
-        """The fields as a dict. ``vanilla`` appears only when True, so a DataMUX model's
-        dict (and so its checkpoint fingerprint, ``mux.model_fingerprint``) is the same as
-        before the field existed and its older checkpoints still resume."""
-        d = asdict(self)
-        if not self.vanilla:
-            del d["vanilla"]
-        return d
+        return asdict(self)
 
 
 class SpatialMean(nn.Module):
@@ -175,6 +169,8 @@ class DataMUXClassifier(nn.Module):
             x = x.to(dtype)  # e.g. float64 images into a float32 model
         if c.vanilla:  # N = 1: one image per pass, nothing to mix or to separate
             z = self.front(x[:, 0])  # (B, d) or (B, d, H, W), channels first
+            if c.backbone == "cnn":  # the memory layout the multiplexed CNN's backbone gets (its mixing runs
+                z = z.contiguous(memory_format=torch.channels_last)  # channels last): timings compare work, not layout
             return self.head(self.backbone(z)).unsqueeze(1)  # (B, d) -> (B, 1, num_classes)
         b, n = x.shape[:2]
         z = self.front(x.flatten(0, 1))  # (B*N, d) or (B*N, d, H, W)
