@@ -19,6 +19,8 @@ plain text. Nothing is downloaded.
     documentation, or is it a random sentence from another topic?
   - ``casing`` (one label per word, 4 classes): the words are given lower-cased; recover how
     each was written (lower, Capitalised, UPPER, mixed).
+  - ``retrieval`` (one label per token, the vocabulary): the sentence itself, each token
+    labelled with its own id: the targets of T-MUX's token-retrieval warm-up.
 
 The documentation differs a little between Python versions, so the counts quoted in the
 docstrings (measured on Python 3.11) may differ by a few percent on yours.
@@ -53,7 +55,7 @@ __all__ = [
 ]
 
 
-TEXT_TASKS = ("word_order", "next_sentence", "casing")
+TEXT_TASKS = ("word_order", "next_sentence", "casing", "retrieval")
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -511,6 +513,10 @@ def _encode(kind: str, tokenizer, texts: list, labels: list, max_length: int) ->
         enc = tokenizer([a for a, _ in texts], [b for _, b in texts], truncation=True, max_length=max_length)
     elif kind == "single":
         enc = tokenizer(texts, truncation=True, max_length=max_length)
+    elif kind == "retrieval":  # each token labelled with its own id; special tokens are not scored
+        enc = tokenizer(texts, truncation=True, max_length=max_length)
+        special = set(tokenizer.all_special_ids)
+        labels = [[IGNORE_INDEX if t in special else t for t in ids] for ids in enc["input_ids"]]
     else:  # words with one label each -> labels on the first sub-token of each word
         enc = tokenizer(texts, is_split_into_words=True, truncation=True, max_length=max_length)
         aligned = []
@@ -525,7 +531,7 @@ def _encode(kind: str, tokenizer, texts: list, labels: list, max_length: int) ->
 
 
 def load_text_task(name: str, tokenizer, seed: int = 0, max_length: int = 64) -> TextTask:
-    """Build one of the labelled tasks in :data:`TEXT_TASKS` from the real sentences.
+    """Build one of the tasks in :data:`TEXT_TASKS` from the real sentences.
 
     Splits come from :func:`text_splits` (``seed``, 10% / 10% of the sentences by topic), and
     ``seed`` also draws the corruptions and pairings below, so a task is deterministic.
@@ -547,6 +553,11 @@ def load_text_task(name: str, tokenizer, seed: int = 0, max_length: int = 64) ->
       ``NameError``). The label sits on the first sub-token of each word; other sub-tokens,
       ``[CLS]``/``[SEP]``, and words without a letter (punctuation, numbers) get -100
       (``IGNORE_INDEX``: not scored), the standard token-classification convention.
+    * ``"retrieval"`` (token task, one label per token, ``num_labels`` = the vocabulary): each
+      sentence of the split as it is, every token labelled with its own id, special tokens
+      ([CLS], [SEP]) with -100: what T-MUX's token-retrieval warm-up must recover from the
+      mixture (``mux.retrieval_loss``). Its ``majority_baseline`` is the share of the most
+      frequent token.
 
     Inputs longer than ``max_length`` tokens (special tokens included) are truncated (pairs: the
     longer sentence first). ``tokenizer`` must be a fast ``transformers`` tokenizer with a pad
@@ -579,12 +590,19 @@ def load_text_task(name: str, tokenizer, seed: int = 0, max_length: int = 64) ->
         elif name == "next_sentence":
             texts, labels = _next_sentence(records, all_records, rng)
             kind = "pair"
-        else:
+        elif name == "casing":
             texts, labels = _casing(records, rng)
             kind = "words"
+        else:
+            texts, labels = [r.text for r in records], None
+            kind = "retrieval"
         datasets[split] = _encode(kind, tokenizer, texts, labels, max_length)
 
-    if name == "casing":
+    if name == "retrieval":
+        label_names, task_type = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))), "token"
+        collate_fn = DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORE_INDEX)
+        test_labels = [y for row in datasets["test"].labels for y in row if y != IGNORE_INDEX]
+    elif name == "casing":
         label_names, task_type = list(CASING_LABELS), "token"
         collate_fn = DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORE_INDEX)
         test_labels = [y for row in datasets["test"].labels for y in row if y != IGNORE_INDEX]

@@ -14,9 +14,9 @@ A demultiplexer is a module ``forward(h, **context) -> (B, N, ..., d)``:
   passes every position ``(B, L, d)`` and gets ``(B, N, L, d)`` back.
 - ``context`` carries, by keyword, whatever a demultiplexer needs beyond the mixture; a
   demultiplexer that needs nothing more accepts and ignores it, so a model can call every
-  demultiplexer the same way. The chapters to come use it for T-MUX's index
-  demultiplexer, which reads the backbone states of the N prefix tokens (one per instance
-  index, e.g. ``prefix=(B, N, d)``) and combines each with ``h``. MUX-PLMs' RSA
+  demultiplexer the same way. Chapter 02 uses it for T-MUX's index
+  demultiplexer (:class:`IndexDemultiplexer`), which reads the backbone states of the N
+  prefix tokens (one per instance index, ``prefix=(B, N, d)``) and combines each with ``h``. MUX-PLMs' RSA
   demultiplexer instead keeps learned keys, one per instance index, as its own parameters.
 - A demultiplexer checks the shapes it receives and raises a ValueError that names the
   shape it expected.
@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 from .grouping import check_n
 
-__all__ = ["Demultiplexer", "MLPDemultiplexer"]
+__all__ = ["Demultiplexer", "MLPDemultiplexer", "IndexDemultiplexer"]
 
 
 class Demultiplexer(nn.Module):
@@ -112,3 +112,39 @@ class MLPDemultiplexer(Demultiplexer):
         z = F.layer_norm(F.gelu(z), (self.d,))  # normalise each d-vector, no affine yet
         z = z * self.norm_weight[None, :, None, :] + self.norm_bias[None, :, None, :]  # per-index scale, shift
         return z.reshape(lead[0], self.n, *lead[1:], self.d)  # (B, N, ..., d)
+
+
+class IndexDemultiplexer(Demultiplexer):
+    """T-MUX's index ("prefix") demultiplexer: ``(B, ..., d)`` + prefix ``(B, N, d)`` -> ``(B, N, ..., d)``.
+
+    Every instance i enters the backbone with N + 1 extra leading tokens (see
+    :class:`mux.models.TMUXModel`): N slots holding a filler token except slot i, which holds
+    instance i's own index token, then the sentence's ``[CLS]``. After the mean over N, the
+    mixture's slot i differs from every other slot only through instance i's index token,
+    and the backbone's output there, ``key_i`` (the ``prefix`` context, ``(B, N, d)``), is
+    what the demultiplexer uses to find instance i in every other state ``h_t``::
+
+        out_{i,t} = LayerNorm(GELU(W [key_i ; h_t] + b))      (2d -> d)
+
+    One MLP for all indices; what differs between instances is the key. The product
+    ``W [key_i ; h_t]`` is computed as ``W_k key_i + W_h h_t`` (the two halves of ``W``), so
+    ``h`` is projected once, not N times. Parameters: ``proj`` = ``nn.Linear(2d, d)`` (its
+    weight is ``[W_k | W_h]``), ``norm`` = ``nn.LayerNorm(d)``.
+    """
+
+    def __init__(self, n: int, d: int):
+        super().__init__(n, d)
+        self.proj = nn.Linear(2 * self.d, self.d)
+        self.norm = nn.LayerNorm(self.d)
+
+    def demultiplex(self, h: Tensor, prefix: Tensor | None = None, **context) -> Tensor:
+        if prefix is None or prefix.dim() != 3 or tuple(prefix.shape) != (h.shape[0], self.n, self.d):
+            got = None if prefix is None else tuple(prefix.shape)
+            raise ValueError(f"IndexDemultiplexer needs prefix=(B={h.shape[0]}, N={self.n}, d={self.d}), the backbone's "
+                             f"states at the N index slots; got {got}")
+        w_key, w_h = self.proj.weight[:, : self.d], self.proj.weight[:, self.d:]  # (d, d) each
+        keys = prefix @ w_key.T + self.proj.bias  # (B, N, d)
+        lead = h.shape[:-1]  # (B, ...)
+        states = (h @ w_h.T).reshape(lead[0], 1, -1, self.d)  # (B, 1, M, d)
+        z = self.norm(F.gelu(keys[:, :, None, :] + states))  # (B, N, M, d)
+        return z.reshape(lead[0], self.n, *lead[1:], self.d)

@@ -4,7 +4,9 @@
 the dataset drawn from ``order_seed`` (default 0), not in dataset order: many datasets are
 sorted by class (``ImageFolder``, ImageNet's validation set), and tuples of consecutive
 examples would then hold N examples of one class, which flatters a multiplexed model.
-The last, incomplete tuple is padded with copies whose outputs are dropped. The outputs
+The last, incomplete tuple is completed with copies of the first examples of that order,
+whose outputs are dropped; so every tuple, and every output, is the same whatever the
+evaluation ``batch_size``. The outputs
 are put back in dataset order, so the result is exactly one prediction per example, in
 dataset order, whatever the permutation. ``order_seed=None`` groups in dataset order.
 
@@ -103,8 +105,12 @@ def predict_logits(model: nn.Module, data: Dataset, n: int, batch_size: int = 25
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     order = evaluation_order(size, order_seed)
-    per_batch = max(n, batch_size // n * n)  # whole tuples per batch: only the last batch pads
-    loader = DataLoader(Subset(data, order.tolist()), batch_size=per_batch, shuffle=False, collate_fn=collate_fn)
+    # the last tuple is completed once, with copies of the first examples of the order, so that
+    # every tuple (and every output) is the same whatever the batch size; the copies' outputs
+    # are dropped below
+    padded = torch.cat([order, order[torch.arange((-size) % n) % size]])
+    per_batch = max(n, batch_size // n * n)  # whole tuples per batch
+    loader = DataLoader(Subset(data, padded.tolist()), batch_size=per_batch, shuffle=False, collate_fn=collate_fn)
     was_training = model.training
     model.eval()
     logits, labels = [], []
@@ -116,7 +122,7 @@ def predict_logits(model: nn.Module, data: Dataset, n: int, batch_size: int = 25
             labels.append(torch.as_tensor(y).cpu())
     finally:
         model.train(was_training)
-    logits, labels = _cat_padded(logits, 0.0), _cat_padded(labels, IGNORE_INDEX)
+    logits, labels = _cat_padded(logits, 0.0)[:size], _cat_padded(labels, IGNORE_INDEX)[:size]
     if logits.shape[0] != size or labels.shape[0] != size:
         raise RuntimeError(f"evaluation produced {logits.shape[0]} outputs for {size} examples")
     back = torch.empty_like(order)

@@ -87,6 +87,7 @@ STATE_FILE = "trainer_state.json"
 # TrainConfig fields that may differ between a run and its resumption: they change neither
 # the computation nor its result (display, and where and how often checkpoints are written).
 NOT_PART_OF_THE_RUN = ("progress", "description", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume",
+                       "eval_every",
                        # replaced by what they resolve to (device type, precision, instances per batch, workers)
                        "cpu", "mixed_precision", "batch_size", "num_workers")
 # what a checkpoint that cannot be read raises, depending on which file is damaged
@@ -155,12 +156,13 @@ class TrainConfig:
     cpu: bool = False  # force the CPU even when a GPU is present
     progress: bool = True
     log_every: int = 10
+    eval_every: int = 0  # with train(eval_fn=...): evaluate every this many steps (0: only at the end)
     description: str = "train"
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "log_every", "grad_accum_steps", "keep_checkpoints"):
             check_n(getattr(self, name), name=name)
-        for name in ("checkpoint_every", "warmup_steps", "num_workers"):
+        for name in ("checkpoint_every", "warmup_steps", "num_workers", "eval_every"):
             check_n(getattr(self, name), name=name, minimum=0)
         for name in ("lr", "weight_decay", "max_grad_norm"):
             value = getattr(self, name)
@@ -175,6 +177,7 @@ class TrainResult:
     model: nn.Module
     steps: int
     history: list[dict] = field(default_factory=list)  # {"step", "lr", "loss", other terms} every log_every steps
+    evaluations: list[dict] = field(default_factory=list)  # {"step", what eval_fn returned} every eval_every steps
     resumed_from: int | None = None
     seconds: float = 0.0
     device: str = "cpu"
@@ -482,6 +485,7 @@ def train(
     *,
     collate_fn: Callable | None = None,
     accelerator: Accelerator | None = None,
+    eval_fn: Callable[[nn.Module], Mapping[str, float]] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_data`` (instances) multiplexed N at a time for ``cfg.max_steps`` steps.
 
@@ -491,6 +495,11 @@ def train(
     ``accelerator``: an existing Accelerator to use (then ``cfg.mixed_precision`` and
     ``cfg.cpu`` are its business); it must hold no other prepared objects, since its
     checkpoints would save them too. What ``train`` prepares is released when it returns.
+    ``eval_fn(model) -> {name: number}``: called every ``cfg.eval_every`` steps and after the
+    last step, on every process, with the model in eval mode and the RNG states put back
+    afterwards (so it changes nothing in the training run); its results, with their step, are
+    kept in ``TrainResult.evaluations`` and in the checkpoints, e.g. a held-out accuracy curve
+    (``lambda m: mux.evaluate(m, val_data, n)``).
 
     Resumes from ``cfg.checkpoint_dir`` when it holds a checkpoint of this model and run
     (``cfg.resume``); raises ValueError, naming what differs, when it holds another's.
@@ -526,7 +535,7 @@ def train(
     prepared = accelerator.prepare(model, optimizer, loader, scheduler)
     model, optimizer, loader, scheduler = prepared
 
-    step, history, resumed_from = 0, [], None
+    step, history, evaluations, resumed_from = 0, [], [], None
     if root is not None and cfg.resume:
         for ckpt, state in _readable_checkpoints(root, "train"):
             _check_fingerprint(state.get("fingerprint", {}), model, ckpt)
@@ -537,6 +546,7 @@ def train(
                 warnings.warn(f"train: cannot load {ckpt} ({err}); trying an older checkpoint", stacklevel=2)
                 continue
             step, history, resumed_from = state["step"], state["history"], state["step"]
+            evaluations = state.get("evaluations", [])
             break
         else:
             if existing:
@@ -562,7 +572,24 @@ def train(
     last_saved, totals, counted, updating, rng = resumed_from, {}, 0, False, None
 
     def checkpoint_state() -> dict:
-        return {"history": history, "fingerprint": fingerprint, "run": run, "train_config": asdict(cfg)}
+        return {"history": history, "evaluations": evaluations, "fingerprint": fingerprint, "run": run,
+                "train_config": asdict(cfg)}
+
+    def run_eval() -> None:
+        if eval_fn is None or (evaluations and evaluations[-1]["step"] == step):
+            return
+        snapshot = _rng_snapshot()
+        inner = accelerator.unwrap_model(model, keep_fp32_wrapper=True)
+        inner.eval()
+        try:
+            with torch.no_grad():
+                values = eval_fn(inner)
+        finally:
+            inner.train()
+            _rng_restore(snapshot)
+        if not isinstance(values, Mapping):
+            raise TypeError(f"eval_fn must return a dict of numbers, got {type(values).__name__}")
+        evaluations.append({"step": step, **{k: float(v) for k, v in values.items()}})
 
     try:
         with _StopRequest() as stop, _deterministic(cfg.deterministic):
@@ -592,6 +619,8 @@ def train(
                     bar.set_postfix({k: f"{v:.3f}" for k, v in entry.items() if k in totals}, refresh=False)
                     totals, counted = {}, 0
                 bar.update(1)
+                if cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.max_steps:
+                    run_eval()
                 if root is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     _save(accelerator, root, step, checkpoint_state(), cfg.keep_checkpoints)
                     last_saved = step
@@ -604,6 +633,7 @@ def train(
                         _save(accelerator, root, step, checkpoint_state(), cfg.keep_checkpoints)
                     raise KeyboardInterrupt(f"training interrupted after step {step}"
                                             + (f"; checkpoint saved in {root}" if root is not None else ""))
+        run_eval()  # a run resumed at its last step has not been evaluated there yet
         if root is not None and step != last_saved:
             _save(accelerator, root, step, checkpoint_state(), cfg.keep_checkpoints)
     except KeyboardInterrupt as err:
@@ -629,6 +659,7 @@ def train(
         model=bare,
         steps=step,
         history=history,
+        evaluations=evaluations,
         resumed_from=resumed_from,
         seconds=time.perf_counter() - started,
         device=str(accelerator.device),

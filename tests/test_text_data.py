@@ -161,7 +161,9 @@ def test_task_structure_and_baseline(tasks, name):
     task = tasks[name]
     assert task.name == name and task.num_labels == len(task.label_names)
     assert all(len(getattr(task, s)) > 50 for s in ("train", "val", "test"))
-    if name == "casing":
+    if name == "retrieval":  # one label per token, the vocabulary: see test_retrieval_task_* below
+        assert task.task_type == "token" and 0 < task.majority_baseline < 0.2
+    elif name == "casing":
         assert task.task_type == "token"
         labels = [y for row in task.test.labels for y in row if y != -100]
         assert 0.5 < task.majority_baseline < 0.99
@@ -251,3 +253,44 @@ def test_truncation(tokenizer):
     assert max(len(task.train[i]["input_ids"]) for i in range(len(task.train))) == 16
     with pytest.raises(ValueError, match="max_length"):
         load_text_task("casing", tokenizer, max_length=2)
+
+
+# --- the retrieval task (T-MUX's token-retrieval warm-up) -------------------------------------
+
+def test_retrieval_task_labels_are_the_token_ids(tokenizer, tasks):
+    from collections import Counter
+
+    task = tasks["retrieval"]
+    assert task.task_type == "token" and task.num_labels == len(tokenizer)
+    assert task.label_names == tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    special = set(tokenizer.all_special_ids)
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    splits = text_splits(seed=0)
+    for name in ("train", "val", "test"):
+        ds = getattr(task, name)
+        assert ds.texts == getattr(splits, name)  # every sentence of the split, once, in order
+        for i in range(len(ds)):
+            ids, labels = ds[i]["input_ids"], ds[i]["labels"]
+            assert ids[0] == cls and ids[-1] == sep and labels[0] == labels[-1] == -100
+            assert labels == [-100 if t in special else t for t in ids]
+            assert any(y != -100 for y in labels)
+    scored = [y for row in task.test.labels for y in row if y != -100]
+    assert task.majority_baseline == Counter(scored).most_common(1)[0][1] / len(scored)
+    assert 0 < task.majority_baseline < 0.2
+
+
+def test_retrieval_task_truncates_and_matches_the_model_labels(tokenizer):
+    from torch.utils.data import Subset
+
+    task = load_text_task("retrieval", tokenizer, max_length=8)
+    assert max(len(task.train[i]["input_ids"]) for i in range(len(task.train))) == 8
+    assert all(task.train[i]["input_ids"][-1] == tokenizer.sep_token_id for i in range(len(task.train)))
+    model = mux.TMUXModel.build(tokenizer, 2, seed=0, task="retrieval", hidden_size=16, num_layers=1, num_heads=2,
+                                max_length=8)
+    batch = task.collate_fn([task.val[i] for i in range(5)])
+    ids, mask = (mux.group(mux.pad_to_multiple(batch[k], 2)[0], 2) for k in ("input_ids", "attention_mask"))
+    labels = mux.ungroup(model.retrieval_labels(ids, mask))[:5]
+    assert torch.equal(labels, batch["labels"])  # the model's retrieval targets are the task's labels
+    scores = mux.evaluate(model, Subset(task.val, range(11)), 2, batch_size=5, collate_fn=task.collate_fn)
+    assert scores["n_examples"] == 11
+    assert scores["n_scored"] == sum(y != -100 for i in range(11) for y in task.val[i]["labels"])

@@ -457,3 +457,124 @@ def test_weight_decay_spares_biases_norms_and_embeddings():
 def test_weight_decay_spares_the_demultiplexer_biases_and_norms():
     names = set(train_module._no_weight_decay_names(_model()))
     assert {"demux.bias", "demux.norm_weight", "demux.norm_bias"} <= names and "demux.weight" not in names
+
+
+# ---------------------------------------------------------------- eval_fn: evaluation during training
+
+
+class DropoutTagger(TinyTagger):
+    """TinyTagger with dropout on its logits: its training steps draw from the global RNG."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = torch.nn.Dropout(0.3)
+
+    def forward(self, input_ids, attention_mask):
+        out = super().forward(input_ids, attention_mask)
+        return {**out, "logits": self.drop(out["logits"])}
+
+
+TAG_DATA = token_data(36)
+
+
+def _tag_train(eval_fn=None, tmp_path=None, **kw):
+    torch.manual_seed(0)
+    cfg = _cfg(tmp_path, **{"max_steps": 10, "batch_size": 12, "lr": 1e-2, **kw})
+    return mux.train(DropoutTagger(), TAG_DATA, cfg, n=3, collate_fn=collate, eval_fn=eval_fn)
+
+
+def _tag_accuracy(model):
+    return {"accuracy": mux.evaluate(model, TAG_DATA, 3, batch_size=9, collate_fn=collate)["accuracy"]}
+
+
+@pytest.mark.parametrize("eval_every, steps", [(0, [10]), (4, [4, 8, 10]), (5, [5, 10]), (20, [10])])
+def test_eval_fn_runs_every_eval_every_steps_and_after_the_last(eval_every, steps):
+    calls = []
+
+    def eval_fn(model):
+        calls.append((type(model), torch.is_grad_enabled()))
+        return {**_tag_accuracy(model), "calls": torch.tensor(len(calls))}
+
+    result = _tag_train(eval_fn, eval_every=eval_every)
+    assert [e["step"] for e in result.evaluations] == steps
+    assert [e["calls"] for e in result.evaluations] == list(range(1, len(steps) + 1))
+    assert all(type(v) is float for e in result.evaluations for k, v in e.items() if k != "step")
+    assert calls == [(DropoutTagger, False)] * len(steps)  # the bare model, without gradients
+    assert result.evaluations[-1]["accuracy"] == _tag_accuracy(result.model)["accuracy"]  # the final weights
+
+
+def test_eval_fn_changes_nothing_in_the_training_run():
+    import random
+
+    import numpy as np
+
+    inputs = {k: v for k, v in collate(TAG_DATA[:6]).items() if k != "labels"}
+
+    def meddling(model):
+        torch.rand(100), random.random(), np.random.rand(3)  # draws from every RNG
+        model.eval()  # and leaves the model in eval mode
+        mux.multiplexed_forward(model, inputs, 3)
+        return {"x": 1}
+
+    plain = _tag_train()
+    evaluated = _tag_train(meddling, eval_every=3)
+    assert plain.evaluations == [] and [e["step"] for e in evaluated.evaluations] == [3, 6, 9, 10]
+    _assert_same_weights(plain.model, evaluated.model)
+    assert [h["loss"] for h in evaluated.history] == [h["loss"] for h in plain.history]
+    assert evaluated.model.training and plain.model.training
+
+
+def test_eval_fn_sees_the_model_in_eval_mode():
+    modes = []
+    _tag_train(lambda m: modes.append(m.training) or {"training": float(m.training)}, eval_every=5)
+    assert modes == [False, False]
+
+
+def test_evaluations_survive_resume(tmp_path):
+    full = _tag_train(_tag_accuracy, eval_every=3)
+    assert [e["step"] for e in full.evaluations] == [3, 6, 9, 10]
+    first = _tag_train(_tag_accuracy, tmp_path, eval_every=3, checkpoint_every=5)
+    ckpts = mux.list_checkpoints(tmp_path / "ckpt")
+    assert [p.name for p in ckpts] == ["checkpoint-00000005", "checkpoint-00000010"]
+    shutil.rmtree(ckpts[-1])  # as if interrupted after step 5
+    resumed = _tag_train(_tag_accuracy, tmp_path, eval_every=3, checkpoint_every=5)
+    assert resumed.resumed_from == 5
+    assert resumed.evaluations == first.evaluations == full.evaluations
+    _assert_same_weights(full.model, resumed.model)
+    state = json.loads((tmp_path / "ckpt" / "checkpoint-00000010" / "trainer_state.json").read_text())
+    assert state["evaluations"] == full.evaluations
+    again = _tag_train(_tag_accuracy, tmp_path, eval_every=3, checkpoint_every=5)  # finished: nothing to add
+    assert again.resumed_from == 10 and again.evaluations == full.evaluations
+
+
+def test_evaluations_survive_an_interruption(tmp_path):
+    full = _tag_train(_tag_accuracy, eval_every=3)
+    _interrupting_loss.calls, _interrupting_loss.at = 0, 8
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        mux.train(DropoutTagger(), TAG_DATA, _cfg(tmp_path, max_steps=10, batch_size=12, lr=1e-2, eval_every=3), n=3,
+                  loss_fn=_interrupting_loss, collate_fn=collate, eval_fn=_tag_accuracy)
+    state = json.loads((mux.latest_checkpoint(tmp_path / "ckpt") / "trainer_state.json").read_text())
+    assert state["step"] == 7 and state["evaluations"] == full.evaluations[:2]  # steps 3 and 6
+    _interrupting_loss.at = -1
+    torch.manual_seed(0)
+    resumed = mux.train(DropoutTagger(), TAG_DATA, _cfg(tmp_path, max_steps=10, batch_size=12, lr=1e-2, eval_every=3),
+                        n=3, loss_fn=_interrupting_loss, collate_fn=collate, eval_fn=_tag_accuracy)
+    assert resumed.resumed_from == 7 and resumed.evaluations == full.evaluations
+
+
+def test_a_finished_run_resumed_with_eval_fn_is_evaluated_once_at_its_end(tmp_path):
+    done = _tag_train(None, tmp_path)
+    assert done.evaluations == []
+    resumed = _tag_train(_tag_accuracy, tmp_path, eval_every=4)  # eval_every is not part of the run
+    assert resumed.resumed_from == 10 and resumed.steps == 10
+    assert resumed.evaluations == [{"step": 10, **_tag_accuracy(done.model)}]
+    _assert_same_weights(done.model, resumed.model)
+
+
+@pytest.mark.parametrize("value", [0.5, None])
+def test_eval_fn_must_return_a_dict(value):
+    with pytest.raises(TypeError, match="eval_fn must return a dict"):
+        _tag_train(lambda m: value, max_steps=2)
+    with pytest.raises(ValueError, match="eval_every"):
+        mux.TrainConfig(eval_every=-1)

@@ -1,4 +1,5 @@
 """One file per method; each composes a multiplexer, a backbone and a demultiplexer."""
 from .datamux import DataMUXClassifier, DataMUXConfig
+from .tmux import TMUXConfig, TMUXModel
 
-__all__ = ["DataMUXClassifier", "DataMUXConfig"]
+__all__ = ["DataMUXClassifier", "DataMUXConfig", "TMUXConfig", "TMUXModel"]
