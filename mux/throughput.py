@@ -14,9 +14,12 @@ What :func:`measure_throughput` measures
 - One forward call processes a flat batch of ``instances`` instances ``(instances, *example.shape)``,
   grouped by :func:`mux.multiplexed_forward` into ``ceil(instances / N)`` tuples of N (the
   last one padded with copies): a model with N = 4 sees a batch of ``instances / 4`` tuples,
-  the vanilla model (N = 1) a batch of ``instances`` images. The instances are random
+  the vanilla model (N = 1) a batch of ``instances`` images. ``instances`` may also be a
+  dict ``{name: instances}``, one count per model, e.g. ``128 * N`` so that every model
+  runs 128 tuples per forward (the batch convention of PruMUX). The instances are random
   (a fixed seed; for integer inputs such as token ids, copies of ``example``) and are the
-  same for every model; they are put on each model's device before timing.
+  same for every model (a model given fewer instances gets the first ones); they are put on
+  each model's device before timing.
 - Timing uses ``torch.utils.benchmark.Timer``: it synchronises the GPU before reading the
   clock, and it is given ``torch.get_num_threads()`` threads (the Timer's own default is 1
   thread, which is not how the notebook runs the model). Before the trials, each model's
@@ -107,10 +110,24 @@ def _instances(example: Tensor, instances: int, seed: int) -> Tensor:
     return example.detach().cpu().expand(instances, *example.shape).clone()
 
 
+def _check_instances(instances: object, names: list[str]) -> dict[str, int]:
+    """``{name: instances per forward}`` from an integer (the same for every model) or a dict
+    with one positive integer per model name, no name missing and none extra."""
+    if not isinstance(instances, dict):
+        return dict.fromkeys(names, check_n(instances, "instances"))
+    missing = [name for name in names if name not in instances]
+    extra = [name for name in instances if name not in names]
+    if missing or extra:
+        raise ValueError("instances as a dict needs one count per model, {name: instances}; "
+                         + "; ".join(([f"missing {missing}"] if missing else []) + ([f"unknown {extra}"] if extra else []))
+                         + f" (the models are {names})")
+    return {name: check_n(instances[name], f"instances[{name!r}]") for name in names}
+
+
 def measure_throughput(
     models: dict[str, tuple[nn.Module, int]],
     example: Tensor,
-    instances: int = 512,
+    instances: int | dict[str, int] = 512,
     trials: int = 5,
     warmup: int = 1,
     *,
@@ -123,7 +140,9 @@ def measure_throughput(
     returns ``(B, N, ...)`` (e.g. a ``DataMUXClassifier`` and its ``n_mux``).
     ``example``: ONE instance, e.g. ``(C, H, W)``; only its shape and dtype are used for a
     floating-point example (the instances are drawn from ``seed``).
-    ``instances``: instances per forward call, grouped into ``ceil(instances / N)`` tuples.
+    ``instances``: instances per forward call, grouped into ``ceil(instances / N)`` tuples:
+    one integer for every model, or a dict ``{name: instances}`` with one integer per model
+    (every name of ``models``, no other), e.g. ``{name: 128 * N}`` for 128 tuples each.
     ``trials``: timed trials per model, interleaved across models (module docstring).
     ``warmup``: untimed forward calls per model before the first trial (first calls pay for
     memory allocation, kernel selection and caches).
@@ -132,22 +151,23 @@ def measure_throughput(
     ``seed``: seeds the instances and the order of the trials within each round.
 
     Returns ``{name: {"instances_per_second": median over trials, "spread": (max - min) /
-    median, "trials": [instances/s of each trial, in round order], "n": N, "tuples":
-    ceil(instances / N), "repeats": forward calls timed per trial}}``, in the order of ``models``.
+    median, "trials": [instances/s of each trial, in round order], "n": N, "instances": instances
+    per forward, "tuples": ceil(instances / N), "repeats": forward calls timed per trial}}``, in
+    the order of ``models``.
     """
     models = _check_models(models)
     if not isinstance(example, Tensor):
         raise ValueError(f"example must be a tensor holding one instance, e.g. (C, H, W); got {type(example).__name__}")
-    check_n(instances, "instances")
+    counts = _check_instances(instances, list(models))
     check_n(trials, "trials")
     check_n(warmup, "warmup", minimum=0)
     if isinstance(min_run_time, bool) or not isinstance(min_run_time, (int, float)) or not min_run_time > 0:
         raise ValueError(f"min_run_time must be a number of seconds > 0, got {min_run_time!r}")
 
-    flat = _instances(example, instances, seed)  # (instances, *example.shape) on the CPU
+    flat = _instances(example, max(counts.values()), seed)  # (instances, *example.shape) on the CPU
     inputs, timers, was_training = {}, {}, {}
     for name, (model, n) in models.items():
-        x = inputs[name] = flat.to(device_of(model))  # on the model's device, outside the timing
+        x = inputs[name] = flat[: counts[name]].to(device_of(model))  # on the model's device, outside the timing
         timers[name] = _timer_class()(
             stmt="multiplexed_forward(model, x, n)",
             globals={"multiplexed_forward": multiplexed_forward, "model": model, "x": x, "n": n},
@@ -170,7 +190,7 @@ def measure_throughput(
             for round_names in trial_order(list(models), trials, seed):
                 for name in round_names:
                     seconds = timers[name].timeit(repeats[name]).mean  # per forward, over `repeats` calls
-                    per_trial[name].append(instances / seconds)
+                    per_trial[name].append(counts[name] / seconds)
     finally:
         for name, (model, _) in models.items():
             model.train(was_training[name])
@@ -184,7 +204,8 @@ def measure_throughput(
             "spread": (max(values) - min(values)) / median,
             "trials": values,
             "n": n,
-            "tuples": math.ceil(instances / n),
+            "instances": counts[name],
+            "tuples": math.ceil(counts[name] / n),
             "repeats": repeats[name],
         }
     return results

@@ -37,9 +37,9 @@ def test_result_structure_and_modes():
     assert list(results) == ["vanilla", "N=4"]
     for name, n in (("vanilla", 1), ("N=4", 4)):
         r = results[name]
-        assert set(r) == {"instances_per_second", "spread", "trials", "n", "tuples", "repeats"}
+        assert set(r) == {"instances_per_second", "spread", "trials", "n", "instances", "tuples", "repeats"}
         assert r["repeats"] >= 1
-        assert r["n"] == n and r["tuples"] == math.ceil(10 / n)
+        assert r["n"] == n and r["instances"] == 10 and r["tuples"] == math.ceil(10 / n)
         assert len(r["trials"]) == 3 and all(t > 0 for t in r["trials"])
         assert r["instances_per_second"] == sorted(r["trials"])[1]  # the median of 3
         assert r["spread"] == pytest.approx((max(r["trials"]) - min(r["trials"])) / r["instances_per_second"])
@@ -126,6 +126,39 @@ def test_a_real_datamux_model_and_its_vanilla_baseline():
     results = mux.measure_throughput(models, torch.randn(1, 8, 8), instances=32, trials=2, **FAST)
     assert all(r["instances_per_second"] > 0 for r in results.values())
     assert mux.throughput_ratios(results, "vanilla")["vanilla"] == 1.0
+
+
+def test_instances_per_model_as_a_dict():
+    """``instances={name: count}``: each model gets its own count (e.g. 128 * N, the same number
+    of tuples for every N), the first instances of the same seeded draw."""
+    seen = {}
+
+    class Recorder(nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name, self.w = name, nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            seen[self.name] = x.clone()
+            return x
+
+    counts = {"vanilla": 3, "N=2": 6, "N=4": 5}
+    models = {name: (Recorder(name), n) for name, n in (("vanilla", 1), ("N=2", 2), ("N=4", 4))}
+    results = mux.measure_throughput(models, torch.zeros(2), instances=counts, trials=2, warmup=0, **FAST)
+    for name, r in results.items():
+        assert r["instances"] == counts[name] and r["tuples"] == math.ceil(counts[name] / r["n"])
+        assert r["instances_per_second"] > 0
+    assert seen["vanilla"].shape == (3, 1, 2) and seen["N=2"].shape == (3, 2, 2) and seen["N=4"].shape == (2, 4, 2)
+    flat = seen["N=2"].reshape(6, 2)
+    assert torch.equal(seen["vanilla"].reshape(3, 2), flat[:3])  # the same instances, the first ones
+    assert torch.equal(seen["N=4"].reshape(8, 2)[:5], flat[:5])
+
+    with pytest.raises(ValueError, match=r"missing \['N=4'\]"):
+        mux.measure_throughput(models, torch.zeros(2), instances={"vanilla": 3, "N=2": 6}, **FAST)
+    with pytest.raises(ValueError, match=r"unknown \['N=8'\]"):
+        mux.measure_throughput(models, torch.zeros(2), instances={**counts, "N=8": 8}, **FAST)
+    with pytest.raises(ValueError, match=r"instances\['N=2'\] must be an integer >= 1, got 0"):
+        mux.measure_throughput(models, torch.zeros(2), instances={**counts, "N=2": 0}, **FAST)
 
 
 def test_bad_input_is_refused_with_a_clear_message():
