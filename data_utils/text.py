@@ -17,6 +17,8 @@ plain text. Nothing is downloaded.
     adjacent words swapped?
   - ``next_sentence`` (a pair -> 2 classes): does the second sentence follow the first in the
     documentation, or is it a random sentence from another topic?
+  - ``negation`` (one sentence -> 2 classes): does the sentence contain a negation word
+    (``not``, ``no``, ``never``, ...)? Balanced by leaving out sentences of the larger class.
   - ``casing`` (one label per word, 4 classes): the words are given lower-cased; recover how
     each was written (lower, Capitalised, UPPER, mixed).
   - ``retrieval`` (one label per token, the vocabulary): the sentence itself, each token
@@ -55,7 +57,7 @@ __all__ = [
 ]
 
 
-TEXT_TASKS = ("word_order", "next_sentence", "casing", "retrieval")
+TEXT_TASKS = ("word_order", "next_sentence", "negation", "casing", "retrieval")
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -482,6 +484,22 @@ def _next_sentence(records: list[SentenceRecord], all_records: list[SentenceReco
     return texts, labels
 
 
+NEGATION_WORDS = frozenset({"not", "no", "never", "cannot", "none", "nothing", "neither", "nor", "nobody", "nowhere"})
+_NEGATION_WORD = re.compile(r"[\w']+")  # identifiers such as no_debug_ranges stay one word
+
+
+def _is_negated(sentence: str) -> bool:
+    return any(w.lower() in NEGATION_WORDS or w.lower().endswith("n't") for w in _NEGATION_WORD.findall(sentence))
+
+
+def _negation(records: list[SentenceRecord], rng: random.Random):
+    by_label = {1: [r.text for r in records if _is_negated(r.text)], 0: [r.text for r in records if not _is_negated(r.text)]}
+    keep = min(len(v) for v in by_label.values())
+    pairs = [(t, y) for y, texts in by_label.items() for t in rng.sample(texts, keep)]
+    rng.shuffle(pairs)
+    return [t for t, _ in pairs], [y for _, y in pairs]
+
+
 CASING_LABELS = ["lower", "Capitalised", "UPPER", "mixed"]
 _WORD = re.compile(r"\w+|[^\w\s]")  # a word, or one punctuation character (as BERT splits them)
 
@@ -546,6 +564,13 @@ def load_text_task(name: str, tokenizer, seed: int = 0, max_length: int = 64) ->
       has a next sentence in its paragraph is used once as the first sentence of a pair; every
       other one is paired with that next sentence (label 1), the rest with a random sentence of
       another topic in the same split (label 0). Balanced to within one example.
+    * ``"negation"`` (sentence task, labels ``["affirmative", "negated"]``): label 1 when the
+      sentence contains a word of :data:`NEGATION_WORDS` (``not``, ``no``, ``never``, ``cannot``,
+      ``none``, ``nothing``, ``neither``, ``nor``, ``nobody``, ``nowhere``) or a word ending in
+      ``n't``, whatever its case; else 0. A keyword rule, so a perfect model reaches 100%; what it
+      tests is whether one instance's [CLS] state still holds a fact about one of its words after
+      N sentences were mixed. Each split keeps all sentences of the smaller class (about a
+      fifth are negated) and as many, drawn at random, of the larger: balanced, half each.
     * ``"casing"`` (token task, labels :data:`CASING_LABELS`): the sentence is split into words
       and punctuation characters, and given lower-cased; each word is labelled by how it was
       written: ``lower``, ``Capitalised`` (first letter upper, rest lower, e.g. ``Python``, ``I``),
@@ -590,6 +615,9 @@ def load_text_task(name: str, tokenizer, seed: int = 0, max_length: int = 64) ->
         elif name == "next_sentence":
             texts, labels = _next_sentence(records, all_records, rng)
             kind = "pair"
+        elif name == "negation":
+            texts, labels = _negation(records, rng)
+            kind = "single"
         elif name == "casing":
             texts, labels = _casing(records, rng)
             kind = "words"
@@ -607,7 +635,8 @@ def load_text_task(name: str, tokenizer, seed: int = 0, max_length: int = 64) ->
         collate_fn = DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORE_INDEX)
         test_labels = [y for row in datasets["test"].labels for y in row if y != IGNORE_INDEX]
     else:
-        label_names = ["swapped", "original"] if name == "word_order" else ["random", "next"]
+        label_names = {"word_order": ["swapped", "original"], "next_sentence": ["random", "next"],
+                       "negation": ["affirmative", "negated"]}[name]
         task_type = "sentence"
         collate_fn = DataCollatorWithPadding(tokenizer)
         test_labels = datasets["test"].labels

@@ -15,6 +15,7 @@ from mux.course import clean_notebook, course_notebooks, main, run_course
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = course_notebooks(ROOT / "notebooks")
 DATAMUX = ROOT / "notebooks" / "01_datamux.ipynb"
+TMUX = ROOT / "notebooks" / "02_tmux.ipynb"
 
 # A few seconds of training: the code paths of a full-scale run, not its accuracy.
 TINY = dict(n_values=[1, 3], multiplexers=["orthogonal", "binary_hadamard"], compare_n=3, seeds=[0, 1], width=8,
@@ -29,7 +30,7 @@ def run(notebook, tmp_path, **parameters):
 
 
 def test_there_are_course_notebooks():
-    assert [p.name for p in NOTEBOOKS][:2] == ["00_start_here.ipynb", "01_datamux.ipynb"]
+    assert [p.name for p in NOTEBOOKS][:3] == ["00_start_here.ipynb", "01_datamux.ipynb", "02_tmux.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -132,3 +133,55 @@ def test_clean_notebook_drops_progress_bars_and_timings():
     clean_notebook(nb)
     assert "papermill" not in nb.metadata and "papermill" not in nb.cells[0].metadata
     assert nb.cells[0].outputs == [text]
+
+
+# A few seconds of training for chapter 02: every code path (warm-up, fine-tuning, no warm-up,
+# throughput, checkpoints and resume), not its accuracy.
+TMUX_TINY = dict(vocab_size=120, max_length=16, hidden_size=16, num_layers=1, num_heads=2, warmup_n=[2, 3],
+                 warmup_steps=4, tasks=["negation", "casing"], finetune_n=[1, 3], finetune_steps=3, no_warmup_n=2,
+                 batch_size=12, finetune_batch_size=12, throughput_n=[1, 3], throughput_trials=1, device="cpu")
+
+
+@pytest.mark.notebook
+def test_tmux_runs_on_other_parameters_and_resumes(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    params = dict(TMUX_TINY, out_dir=str(tmp_path / "m1"), checkpoint_dir=str(ckpt))
+    run(TMUX, tmp_path, **params)
+    first = json.loads((tmp_path / "m1" / "02_tmux.json").read_text())
+    assert set(first["headline"]) == {
+        "retrieval_acc_n2", "retrieval_acc_n3", "negation_acc_n1", "negation_acc_n3", "negation_acc_vanilla",
+        "negation_acc_no_warmup_n2", "casing_acc_n1", "casing_acc_n3", "casing_acc_vanilla",
+        "casing_acc_no_warmup_n2", "throughput_ratio_n1", "throughput_ratio_n3"}
+    assert first["vocabulary"] == 120 and first["parameters"]["warmup_n"] == [2, 3]
+    assert all(0 <= v <= 1 for k, v in first["headline"].items() if "acc" in k)
+    assert (ckpt / "warmup_n3_d16_seed0" / "checkpoint-00000004").is_dir()
+    # the same command again resumes every model from its final checkpoint: same results
+    run(TMUX, tmp_path, **dict(params, out_dir=str(tmp_path / "m2")))
+    second = json.loads((tmp_path / "m2" / "02_tmux.json").read_text())
+    accuracy = [k for k in first["headline"] if "throughput" not in k]
+    assert {k: second["headline"][k] for k in accuracy} == {k: first["headline"][k] for k in accuracy}
+
+
+@pytest.mark.notebook
+def test_tmux_default_run_meets_the_chapter_targets(tmp_path):
+    # chapter 02's quality gate (issue 5): held-out retrieval, tasks above their baselines at N=1
+    run(TMUX, tmp_path, out_dir=str(tmp_path))
+    metrics = json.loads((tmp_path / "02_tmux.json").read_text())
+    headline, majority = metrics["headline"], metrics["majority_baseline"]
+    assert headline["retrieval_acc_n2"] >= 0.95 and headline["retrieval_acc_n4"] >= 0.90, headline
+    assert headline["negation_acc_vanilla"] >= majority["negation"] + 0.15, (headline, majority)
+    assert majority["casing"] + 0.05 <= headline["casing_acc_vanilla"] < 1.0, (headline, majority)
+    assert all(headline[f"throughput_ratio_n{n}"] > 0 for n in (1, 2, 4, 8, 16))
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("bad, message", [
+    (dict(warmup_n=[0, 2]), "N in warmup_n must be an integer >= 1, got 0"),
+    (dict(tasks=["sentiment"]), "unknown task 'sentiment'"),
+    (dict(multiplexer="fourier"), "unknown multiplexer 'fourier'"),
+    (dict(hidden_size="big"), "parameter 'hidden_size' should be int, got 'big'"),
+])
+def test_tmux_bad_parameters_stop_with_a_clear_message(tmp_path, bad, message):
+    with pytest.raises(pm.PapermillExecutionError) as err:
+        run(TMUX, tmp_path, **dict(TMUX_TINY, out_dir=str(tmp_path), **bad))
+    assert message in str(err.value)

@@ -294,3 +294,16 @@ def test_retrieval_task_truncates_and_matches_the_model_labels(tokenizer):
     scores = mux.evaluate(model, Subset(task.val, range(11)), 2, batch_size=5, collate_fn=task.collate_fn)
     assert scores["n_examples"] == 11
     assert scores["n_scored"] == sum(y != -100 for i in range(11) for y in task.val[i]["labels"])
+
+
+def test_negation_labels_follow_the_keyword_rule(tasks):
+    from data_utils.text import NEGATION_WORDS
+
+    task = tasks["negation"]
+    for split in (task.train, task.val, task.test):
+        for text, label in zip(split.texts, split.labels):
+            words = [w.strip(".,;:()\"'*").lower() for w in text.split()]
+            has = any(w in NEGATION_WORDS or w.endswith("n't") for w in words)
+            assert has == bool(label), (text, label)
+        assert sum(split.labels) * 2 == len(split)  # balanced: all of the smaller class, as many of the larger
+    assert task.label_names == ["affirmative", "negated"]
