@@ -6,7 +6,7 @@ import platform
 
 import torch
 
-__all__ = ["device_of", "pick_device", "versions"]
+__all__ = ["device_of", "pick_device", "cuda_has_native_bf16", "versions"]
 
 COURSE_PACKAGES = (
     "torch", "torchvision", "timm", "transformers", "accelerate", "scikit-learn",
@@ -34,6 +34,14 @@ def pick_device(preference: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={preference!r} was asked for but CUDA is not available; use 'auto' or 'cpu'")
     return device
+
+
+def cuda_has_native_bf16() -> bool:
+    """Whether the current GPU computes bf16 natively (Ampere and newer), not emulated (T4, V100)."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch < 2.3: no including_emulation argument
+        return torch.cuda.get_device_capability() >= (8, 0)
 
 
 def versions(packages=COURSE_PACKAGES) -> dict[str, str]:

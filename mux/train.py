@@ -65,6 +65,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from .env import cuda_has_native_bf16
 from .grouping import check_n
 from .losses import classification_loss
 from .reporting import _sync_folder
@@ -307,13 +308,8 @@ def load_weights(model: nn.Module, checkpoint: str | os.PathLike) -> nn.Module:
 def _resolve_precision(cfg: TrainConfig) -> str:
     if cfg.mixed_precision != "auto":
         return cfg.mixed_precision
-    if not cfg.cpu and torch.cuda.is_available():
-        try:  # bf16 only where the GPU runs it natively (Ampere and newer), not emulated (T4, V100)
-            native = torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:  # torch < 2.3
-            native = torch.cuda.get_device_capability() >= (8, 0)
-        if native:
-            return "bf16"
+    if not cfg.cpu and torch.cuda.is_available() and cuda_has_native_bf16():
+        return "bf16"  # bf16 only where the GPU runs it natively, not emulated
     return "no"
 
 

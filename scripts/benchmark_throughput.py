@@ -149,21 +149,14 @@ def _cpu_has_native(precision: str) -> bool:
         return False
 
 
-def _cuda_has_native_bf16() -> bool:
-    try:
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # older torch: no including_emulation argument
-        return torch.cuda.get_device_capability()[0] >= 8
-
-
 def resolve_precision(p: argparse.ArgumentParser, requested: str, device: torch.device) -> str:
     """The precision to run in: ``requested``, or for ``auto`` fp32 on a CPU (and MPS), bf16 on
     a GPU with native bf16, else fp16. Refuses (argparse error) a precision the device would
     only emulate: that would time the emulation, not the precision."""
     if device.type == "cuda":
         if requested == "auto":
-            return "bf16" if _cuda_has_native_bf16() else "fp16"
-        if requested == "bf16" and not _cuda_has_native_bf16():
+            return "bf16" if mux.env.cuda_has_native_bf16() else "fp16"
+        if requested == "bf16" and not mux.env.cuda_has_native_bf16():
             p.error(f"--precision bf16: this GPU ({torch.cuda.get_device_name(device)}) has no native bf16; "
                     "use --precision fp16 or auto")
         return requested
