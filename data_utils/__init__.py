@@ -2,7 +2,7 @@
 
 Every image loader returns a :class:`DatasetSplits` of map-style datasets yielding
 ``(image (C, H, W) float tensor, label int)``. Text (:mod:`data_utils.text`): English sentences
-from the documentation shipped with Python, a WordPiece tokenizer, and three labelled tasks
+from the documentation shipped with Python, a WordPiece tokenizer, and labelled tasks
 (:data:`TEXT_TASKS`) whose items are dicts with ``labels``, padded by a ``transformers`` collator.
 """
 from .images import (

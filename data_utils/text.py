@@ -1,4 +1,4 @@
-"""Offline English text for the Transformer chapters: sentences, splits, a tokenizer, three tasks.
+"""Offline English text for the Transformer chapters: sentences, splits, a tokenizer, labelled tasks.
 
 The text is the Python documentation that ships with every Python: the standard library's
 ``pydoc_data.topics.topics`` (the pages ``help("if")`` shows), a dict of about 80 topics ->
@@ -10,7 +10,7 @@ plain text. Nothing is downloaded.
 * :func:`text_splits` splits them by topic into train / val / test, deterministically.
 * :func:`train_wordpiece_tokenizer` trains a small BERT-style WordPiece tokenizer on them (cached
   in a folder when you give one); :func:`load_tokenizer` loads a saved folder (or a Hub name).
-* :func:`load_text_task` builds one of three labelled tasks (:data:`TEXT_TASKS`) as padded,
+* :func:`load_text_task` builds one of the labelled tasks (:data:`TEXT_TASKS`) as padded,
   ``transformers``-collated dict batches with ``labels``, ready for ``mux.group``:
 
   - ``word_order`` (one sentence -> 2 classes): is this the original word order, or were two
