@@ -1,9 +1,11 @@
-"""Datasets for the course: an embedded offline default, torchvision downloads, image folders.
+"""Datasets for the course: an embedded offline default, torchvision downloads, image folders, text.
 
 Every image loader returns a :class:`DatasetSplits` of map-style datasets yielding
 ``(image (C, H, W) float tensor, label int)``. Text (:mod:`data_utils.text`): English sentences
 from the documentation shipped with Python, a WordPiece tokenizer, and labelled tasks
-(:data:`TEXT_TASKS`) whose items are dicts with ``labels``, padded by a ``transformers`` collator.
+(:data:`TEXT_TASKS`) whose items are dicts with ``labels``, padded by a ``transformers`` collator. GLUE and CoNLL-2003
+NER (:mod:`data_utils.glue`: the Hub or local files, each task's own metrics). Pre-training
+corpora and the MLM / replaced-token collators (:mod:`data_utils.corpus`).
 """
 from .images import (
     IMAGE_DATASETS,
@@ -14,6 +16,8 @@ from .images import (
     load_image_dataset,
     load_torchvision,
 )
+from .corpus import ReplacedTokenCollator, corpus_stats, load_pretraining_corpus, mlm_collator
+from .glue import GLUE_TASKS, GlueTask, glue_metrics, load_conll_ner, load_glue_task, ner_f1
 from .text import (
     TEXT_TASKS,
     load_sentences,
@@ -37,4 +41,14 @@ __all__ = [
     "train_wordpiece_tokenizer",
     "load_tokenizer",
     "load_text_task",
+    "GLUE_TASKS",
+    "GlueTask",
+    "glue_metrics",
+    "load_glue_task",
+    "load_conll_ner",
+    "ner_f1",
+    "load_pretraining_corpus",
+    "mlm_collator",
+    "ReplacedTokenCollator",
+    "corpus_stats",
 ]

@@ -6,21 +6,29 @@ inputs (N) -> front -> multiplexer -> shared backbone -> demultiplexer -> head -
 - ``mux.grouping``: batches of instances <-> tuples of N, the padding policy
 - ``mux.multiplexers``: ways of mixing N instances into one representation
 - ``mux.demultiplexers``: ways of recovering N representations from one
-- ``mux.models``: one file per method (``datamux``, ``tmux``)
+- ``mux.models``: one file per method (``datamux``, ``tmux``, ``mux_plm``)
 - ``mux.losses``: training objectives (a tensor, or named terms with the total under "loss")
 - ``mux.train`` / ``mux.evaluate``: the Accelerate training loop and every-example evaluation
 - ``mux.params``, ``mux.reporting``, ``mux.plots``, ``mux.env``: notebook support
 """
 from . import plots
-from .demultiplexers import Demultiplexer, IndexDemultiplexer, MLPDemultiplexer
+from .demultiplexers import Demultiplexer, IndexDemultiplexer, MLPDemultiplexer, RSADemultiplexer
 from .env import device_of, pick_device, versions
 from .evaluate import IGNORE_INDEX, evaluate, evaluation_order, predict, predict_logits
 from .grouping import check_n, group, multiplexed_forward, pad_to_multiple, ungroup, union_mask
-from .losses import TaskAndRetrievalLoss, classification_loss, cross_entropy_and_accuracy, retrieval_loss
-from .models import DataMUXClassifier, DataMUXConfig, TMUXConfig, TMUXModel
+from .losses import (
+    TaskAndRetrievalLoss,
+    classification_loss,
+    cross_entropy_and_accuracy,
+    masked_lm_loss,
+    replaced_token_loss,
+    retrieval_loss,
+)
+from .models import DataMUXClassifier, DataMUXConfig, MUXPLMConfig, MUXPLMModel, TMUXConfig, TMUXModel
 from .multiplexers import (
     MULTIPLEXERS,
     BinaryHadamardMultiplexer,
+    ContextualMultiplexer,
     GaussianHadamardMultiplexer,
     Multiplexer,
     OrthogonalMultiplexer,

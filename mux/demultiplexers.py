@@ -17,7 +17,8 @@ A demultiplexer is a module ``forward(h, **context) -> (B, N, ..., d)``:
   demultiplexer the same way. Chapter 02 uses it for T-MUX's index
   demultiplexer (:class:`IndexDemultiplexer`), which reads the backbone states of the N
   prefix tokens (one per instance index, ``prefix=(B, N, d)``) and combines each with ``h``. MUX-PLMs' RSA
-  demultiplexer instead keeps learned keys, one per instance index, as its own parameters.
+  demultiplexer (:class:`RSADemultiplexer`, chapter 03) instead keeps learned keys, one per
+  instance index, as its own parameters, and needs no context.
 - A demultiplexer checks the shapes it receives and raises a ValueError that names the
   shape it expected.
 
@@ -34,7 +35,7 @@ from torch.nn import functional as F
 
 from .grouping import check_n
 
-__all__ = ["Demultiplexer", "MLPDemultiplexer", "IndexDemultiplexer"]
+__all__ = ["Demultiplexer", "MLPDemultiplexer", "IndexDemultiplexer", "RSADemultiplexer"]
 
 
 class Demultiplexer(nn.Module):
@@ -148,3 +149,51 @@ class IndexDemultiplexer(Demultiplexer):
         states = (h @ w_h.T).reshape(lead[0], 1, -1, self.d)  # (B, 1, M, d)
         z = self.norm(F.gelu(keys[:, :, None, :] + states))  # (B, N, M, d)
         return z.reshape(lead[0], self.n, *lead[1:], self.d)
+
+
+class RSADemultiplexer(Demultiplexer):
+    """MUX-PLMs' RSA-inspired demultiplexer: ``(B, ..., d) -> (B, N, ..., d)`` with N learned keys.
+
+    T-MUX finds instance i through the backbone's state at an index token of a prefix, which
+    makes every sequence N tokens longer (:class:`IndexDemultiplexer`). The RSA demultiplexer
+    keeps N keys ``k_1 .. k_N`` (``keys``, ``(N, d)``, drawn at random and trained) as its own
+    parameters, so the input keeps its length. For instance i at position t::
+
+        out_{i,t} = MLP([k_i ; h_t])    MLP: 2d -> d, GELU, LayerNorm, then (layers - 1) x (d -> d, GELU, LayerNorm)
+
+    ``layers`` = 2 by default (the authors' 2-3 layers, ``2d -> d -> d``). The multiplexer's
+    v_i and these k_i play the parts of RSA's encryption and decryption keys; neither depends
+    on the input, so the keys learned in one training stage carry over to the next.
+
+    As in :class:`IndexDemultiplexer`, the first layer's ``W [k_i ; h_t]`` is computed as
+    ``W_k k_i + W_h h_t`` (the two halves of ``first.weight``): ``h`` is projected once, not N
+    times. A sentence-level model passes only position 0 (``h[:, 0]``, ``(B, d)``) and gets
+    ``(B, N, d)``; a token-level model passes ``(B, L, d)`` and gets ``(B, N, L, d)``.
+    Parameters: ``keys``; ``first`` = ``nn.Linear(2d, d)``, ``first_norm``; ``rest``, a
+    ``nn.Sequential`` of ``(Linear(d, d), GELU, LayerNorm)`` blocks. ``context`` is ignored.
+    """
+
+    def __init__(self, n: int, d: int, layers: int = 2, key_std: float = 1.0):
+        super().__init__(n, d)
+        check_n(layers, name="layers (of the demultiplexer's MLP)")
+        self.layers = int(layers)
+        self.keys = nn.Parameter(torch.randn(self.n, self.d) * key_std)  # k_i: one private key per index
+        self.first = nn.Linear(2 * self.d, self.d)
+        self.first_norm = nn.LayerNorm(self.d)
+        self.rest = nn.Sequential(*[nn.Sequential(nn.Linear(self.d, self.d), nn.GELU(), nn.LayerNorm(self.d))
+                                    for _ in range(self.layers - 1)])
+
+    def no_weight_decay(self) -> set[str]:
+        """The keys are embeddings, kept out of weight decay like the word embeddings."""
+        return {"keys"}
+
+    def demultiplex(self, h: Tensor, **context) -> Tensor:
+        w_key, w_h = self.first.weight[:, : self.d], self.first.weight[:, self.d:]  # (d, d) each
+        keys = self.keys.to(h.dtype) @ w_key.T + self.first.bias  # (N, d)
+        lead = h.shape[:-1]  # (B, ...)
+        states = (h @ w_h.T).reshape(lead[0], 1, -1, self.d)  # (B, 1, M, d)
+        z = self.first_norm(F.gelu(keys[None, :, None, :] + states))  # (B, N, M, d)
+        return self.rest(z).reshape(lead[0], self.n, *lead[1:], self.d)
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, d={self.d}, layers={self.layers}"

@@ -16,6 +16,12 @@ the dict minus ``labels`` is passed to the model as keyword arguments. The model
 logits ``(B, N, C)`` (one label per example) or ``(B, N, L, C)`` (one per token), or a dict /
 dataclass with a ``logits`` entry. Token-level outputs of different lengths are padded to
 the longest, with label ``-100`` (ignored) in the padding, as ``transformers`` does.
+
+**Ensembling** (MUX-PLMs, appendix E.1): ``ensemble=K`` runs the whole evaluation K times,
+each time grouping through another seeded permutation, so every example is seen K times,
+each time beside other companions and in another instance slot; the outputs are put back
+in dataset order (un-permuted) and their logits averaged. It costs K passes: at K = N it
+gives back the whole throughput gain of multiplexing, for accuracy.
 """
 from __future__ import annotations
 
@@ -87,17 +93,46 @@ def evaluation_order(size: int, order_seed: int | None) -> Tensor:
     return torch.randperm(size, generator=torch.Generator().manual_seed(int(order_seed)))
 
 
+def _ensemble_seed(order_seed: int | None, k: int) -> int | None:
+    """The permutation seed of ensemble pass k: pass 0 is the plain evaluation's (dataset order for None)."""
+    if k == 0:
+        return order_seed
+    base = 0 if order_seed is None else int(order_seed)
+    return int(torch.randint(2**62, (1,), generator=torch.Generator().manual_seed(base * 1009 + k)))
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, data: Dataset, n: int, batch_size: int = 256, device=None,
-                   collate_fn=None, order_seed: int | None = 0) -> tuple[Tensor, Tensor]:
+                   collate_fn=None, order_seed: int | None = 0, ensemble: int = 1) -> tuple[Tensor, Tensor]:
     """Return ``(logits, labels)`` for all M examples of ``data``, in dataset order.
 
     ``logits`` is ``(M, C)`` and ``labels`` ``(M,)`` for one label per example; for one
     label per token, ``(M, L, C)`` and ``(M, L)`` with ``L`` the longest sequence and
-    ``IGNORE_INDEX`` in the padding. See the module docstring for the grouping policy.
+    ``IGNORE_INDEX`` in the padding. See the module docstring for the grouping policy and
+    for ``ensemble`` (the mean logits of that many differently grouped passes).
     """
     check_n(n)
     check_n(batch_size, name="batch_size")
+    check_n(ensemble, name="ensemble (passes to average)")
+    if ensemble > 1:
+        passes = [_predict_once(model, data, n, batch_size, device, collate_fn, _ensemble_seed(order_seed, k))
+                  for k in range(ensemble)]
+        width = max(p[0].shape[1] for p in passes) if passes[0][0].dim() > 2 else None
+        logits = [_pad_length(p[0], width, 0.0) for p in passes]
+        labels = _pad_length(passes[0][1], width, IGNORE_INDEX)
+        return torch.stack(logits).mean(dim=0), labels
+    return _predict_once(model, data, n, batch_size, device, collate_fn, order_seed)
+
+
+def _pad_length(t: Tensor, width: int | None, value: float) -> Tensor:
+    """Pad dimension 1 (the tokens of a token task) to ``width``; identity when ``width`` is None."""
+    if width is None or t.shape[1] == width:
+        return t
+    pad = t.new_full((t.shape[0], width - t.shape[1], *t.shape[2:]), value)
+    return torch.cat([t, pad], dim=1)
+
+
+def _predict_once(model, data, n, batch_size, device, collate_fn, order_seed):
     size = len(data)
     if size == 0:
         raise ValueError("cannot evaluate on an empty dataset")
@@ -131,20 +166,24 @@ def predict_logits(model: nn.Module, data: Dataset, n: int, batch_size: int = 25
 
 
 def predict(model: nn.Module, data: Dataset, n: int, batch_size: int = 256, device=None, collate_fn=None,
-            order_seed: int | None = 0) -> Tensor:
+            order_seed: int | None = 0, ensemble: int = 1) -> Tensor:
     """Predicted class of every example (or token) of ``data``, in dataset order."""
-    logits, _ = predict_logits(model, data, n, batch_size, device, collate_fn, order_seed)
+    logits, _ = predict_logits(model, data, n, batch_size, device, collate_fn, order_seed, ensemble)
     return logits.argmax(dim=-1)
 
 
 def evaluate(model: nn.Module, data: Dataset, n: int, batch_size: int = 256, device=None, collate_fn=None,
-             order_seed: int | None = 0) -> dict:
+             order_seed: int | None = 0, ensemble: int = 1) -> dict:
     """Accuracy and cross-entropy over every example: ``{"accuracy", "loss", "n_examples"}``.
 
     For token-level tasks both are over the labelled tokens (label != ``IGNORE_INDEX``),
-    whose number is added as ``n_scored``.
+    whose number is added as ``n_scored``. For a regression (floating-point labels, logits
+    ``(M, 1)``): ``{"mse", "n_examples"}``. ``ensemble``: see the module docstring.
     """
-    logits, labels = predict_logits(model, data, n, batch_size, device, collate_fn, order_seed)
+    logits, labels = predict_logits(model, data, n, batch_size, device, collate_fn, order_seed, ensemble)
+    if labels.is_floating_point():
+        return {"mse": nn.functional.mse_loss(logits.squeeze(-1), labels.float()).item(),
+                "n_examples": int(labels.shape[0])}
     if logits.dim() != labels.dim() + 1:
         raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
     scored = labels != IGNORE_INDEX

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from .evaluate import IGNORE_INDEX, logits_of, split_batch
 from .grouping import multiplexed_forward
 
-__all__ = ["classification_loss", "cross_entropy_and_accuracy", "retrieval_loss", "TaskAndRetrievalLoss"]
+__all__ = ["classification_loss", "cross_entropy_and_accuracy", "retrieval_loss", "TaskAndRetrievalLoss",
+           "masked_lm_loss", "replaced_token_loss"]
 
 
 def classification_loss(model: nn.Module, batch, n: int) -> Tensor:
@@ -26,9 +27,16 @@ def classification_loss(model: nn.Module, batch, n: int) -> Tensor:
     One label per example (logits ``(M, C)``) or per token (logits ``(M, L, C)``, labels
     ``(M, L)`` with ``IGNORE_INDEX`` where nothing is scored). The copies that pad the last
     tuple of a batch are dropped before the loss, so every example counts once.
+    A regression (floating-point labels ``(M,)``, logits ``(M, 1)``, e.g. STS-B) gets the
+    mean squared error instead.
     """
     inputs, labels = split_batch(batch)
     logits = logits_of(multiplexed_forward(model, inputs, n))
+    if labels.is_floating_point():
+        if logits.shape[-1] != 1 or logits.shape[:-1] != labels.shape:
+            raise ValueError(f"a regression (floating-point labels {tuple(labels.shape)}) needs logits of shape "
+                             f"{(*labels.shape, 1)} (num_labels=1), got {tuple(logits.shape)}")
+        return nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float())
     return nn.functional.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
@@ -98,3 +106,44 @@ class TaskAndRetrievalLoss:
 
     def __repr__(self) -> str:  # part of a run's identity in its checkpoints: keep it stable
         return f"TaskAndRetrievalLoss(task_weight={self.task_weight}, retrieval_weight={self.retrieval_weight})"
+
+
+def masked_lm_loss(model: nn.Module, batch, n: int) -> dict[str, Tensor]:
+    """MUX-BERT pre-training: cross-entropy of the original token at every masked position.
+
+    ``batch``: from ``transformers``' ``DataCollatorForLanguageModeling`` (``labels`` ``(M, L)``:
+    the original token id at the selected positions, ``IGNORE_INDEX`` elsewhere). The model
+    returns logits ``(M, L, V)``: each instance demultiplexed at every position, scored where
+    it was masked. Logged: ``mlm_acc``, the share of masked tokens predicted exactly.
+    """
+    inputs, labels = split_batch(batch)
+    ce, accuracy = cross_entropy_and_accuracy(logits_of(multiplexed_forward(model, inputs, n)), labels)
+    return {"loss": ce, "mlm_acc": accuracy}
+
+
+def replaced_token_loss(model: nn.Module, batch, n: int) -> dict[str, Tensor]:
+    """MUX-ELECTRA pre-training: replaced-token detection, a binary cross-entropy per token.
+
+    ``batch``: ``labels`` ``(M, L)`` with 1 where the token was replaced, 0 where it is the
+    original, ``IGNORE_INDEX`` on padding and special tokens (``data_utils.corpus``'s
+    ``ReplacedTokenCollator``). The model returns one logit per token ``(M, L)`` (> 0: replaced).
+    The loss averages over every scored token of every instance, as ELECTRA's discriminator
+    loss does. Logged: ``rtd_acc`` (tokens classified right) and ``replaced_recall`` (the
+    share of replaced tokens found; about 85% of tokens are originals, so accuracy alone
+    flatters a detector that never says "replaced").
+    """
+    inputs, labels = split_batch(batch)
+    logits = logits_of(multiplexed_forward(model, inputs, n)).float()
+    if logits.shape != labels.shape:
+        raise ValueError(f"replaced-token detection needs one logit per token {tuple(labels.shape)}, "
+                         f"got {tuple(logits.shape)}")
+    scored = labels != IGNORE_INDEX
+    if not bool(scored.any()):
+        raise ValueError("no position of this batch has a label to score (every label is IGNORE_INDEX)")
+    target = labels[scored].float()
+    loss = nn.functional.binary_cross_entropy_with_logits(logits[scored], target)
+    said = logits[scored].detach() > 0
+    accuracy = (said == target.bool()).float().mean()
+    replaced = target.bool()
+    recall = (said & replaced).float().sum() / replaced.float().sum().clamp(min=1)
+    return {"loss": loss, "rtd_acc": accuracy, "replaced_recall": recall}

@@ -43,12 +43,12 @@ subclass overrides::
   when any instance is real there: ``mux.grouping.union_mask``; after a concatenation,
   concatenate the masks too).
 
-The chapters to come implement this contract with:
+Chapter 03 implements MUX-PLMs' contextual multiplexer (:class:`ContextualMultiplexer`):
+``transform`` = a Transformer layer over each instance's own sequence (attention mask =
+that instance's ``mask``), then the Hadamard product with a fixed Gaussian vector per
+instance; ``combine`` = a Transformer layer across the N instances at each position, then
+the mean over N. The chapters to come implement the contract with:
 
-- MUX-PLMs' contextual multiplexer: ``transform`` = a Transformer layer over each
-  instance's own sequence (attention mask = that instance's ``mask``), then the Hadamard
-  product with a fixed Gaussian vector per instance; ``combine`` = a Transformer layer
-  across the N instances at each position, then the mean over N.
 - ConcatPlexer's C-Multiplexer: ``transform`` = a 1-D convolution shortening each image's
   L tokens to L/N; ``combine`` = concatenation of the N shortened sequences, ``(B, L, d)``.
 - MixViT's token CutMix: ``combine`` picks, at every position, the token of one source
@@ -82,6 +82,7 @@ __all__ = [
     "OrthogonalMultiplexer",
     "GaussianHadamardMultiplexer",
     "BinaryHadamardMultiplexer",
+    "ContextualMultiplexer",
     "MULTIPLEXERS",
     "make_multiplexer",
 ]
@@ -221,15 +222,102 @@ class BinaryHadamardMultiplexer(Multiplexer):
         return x * self._per_instance(self.weight, x)
 
 
+def _key_mask(mask: Tensor) -> Tensor:
+    """A (rows, length) 0/1 attention mask where a row with no real entry attends everywhere.
+
+    Such a row (every instance is padding at that position, or an instance that is all
+    padding) carries nothing; letting it attend everywhere only avoids the NaN of a softmax
+    over nothing. Its output is dropped afterwards (the masked mean gives it weight zero).
+    """
+    mask = (mask != 0).long()
+    empty = mask.sum(dim=-1, keepdim=True) == 0
+    return mask | empty.long()
+
+
+class ContextualMultiplexer(GaussianHadamardMultiplexer):
+    """MUX-PLMs' contextual multiplexer (Murahari et al., 2023, eqs. 1-2), for token sequences.
+
+    ``(B, N, L, d)`` embeddings + mask ``(B, N, L)`` -> ``(B, L, d)``:
+
+    1. ``transform``, per instance: a Transformer layer over the instance's own L tokens
+       (``TRANS_ctx``, attending only to the instance's real tokens), plus a residual,
+       then the Hadamard product with the instance's fixed Gaussian vector v_i (the buffer
+       ``weight`` of :class:`GaussianHadamardMultiplexer`, same seed, same numbers):
+       ``g_i = (x_i + TRANS_ctx(x_i)) * v_i``.
+    2. ``combine``, across instances: at each position t, the N vectors ``g_{1..N, t}`` form a
+       sequence of length N, and a second layer (``TRANS_inst``) attends across it (only to
+       the instances with a real token at t), plus a residual; then the masked mean over N
+       (padding contributes zero, the sum is divided by N, as in :class:`Multiplexer`).
+
+    Unlike the fixed multiplexers, both layers are trained. The layers are ``transformers``'
+    ``BertLayer`` (self-attention, feed-forward, post-LayerNorm; SDPA attention). The paper
+    says "a single transformer layer" for each step; the outer residual (the layer's output
+    added to its input) follows the authors' code as the papers' README reports it. No
+    position information is added across instances: ``TRANS_inst`` sees the N instances as a
+    set, and v_i is what tells them apart.
+
+    ``num_heads`` defaults to ``d // 64`` (at least 1) as in BERT; ``intermediate_size`` to 4d.
+    """
+
+    def __init__(self, n: int, d: int, seed: int = 0, num_heads: int | None = None,
+                 intermediate_size: int | None = None, dropout: float = 0.1):
+        super().__init__(n, d, seed)
+        from transformers import BertConfig
+        from transformers.models.bert.modeling_bert import BertLayer
+
+        heads = num_heads or max(1, self.d // 64)
+        if self.d % heads:
+            raise ValueError(f"the contextual multiplexer needs d ({self.d}) to be a multiple of num_heads ({heads})")
+        self.layer_config = BertConfig(hidden_size=self.d, num_attention_heads=heads,
+                                       intermediate_size=intermediate_size or 4 * self.d,
+                                       hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+                                       attn_implementation="sdpa")
+        self.context_layer = BertLayer(self.layer_config)  # TRANS_ctx: within each instance
+        self.instance_layer = BertLayer(self.layer_config)  # TRANS_inst: across the N instances
+
+    def _attend(self, layer: nn.Module, x: Tensor, mask: Tensor) -> Tensor:
+        """``x + layer(x)`` for ``x`` ``(rows, length, d)``, attending where ``mask`` ``(rows, length)`` is 1."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        attend = create_bidirectional_mask(config=self.layer_config, inputs_embeds=x, attention_mask=_key_mask(mask))
+        return x + layer(x, attention_mask=attend)
+
+    def check_input(self, x: Tensor, mask: Tensor | None = None) -> None:
+        super().check_input(x, mask)
+        if x.dim() != 4:
+            raise ValueError(f"ContextualMultiplexer mixes token sequences (B, N, L, d={self.d}), got shape {tuple(x.shape)}")
+
+    def transform(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        b, n, length, d = x.shape
+        mask = torch.ones(b, n, length, dtype=torch.long, device=x.device) if mask is None else mask
+        h = self._attend(self.context_layer, x.reshape(b * n, length, d), mask.reshape(b * n, length))
+        return super().transform(h.view(b, n, length, d))  # * v_i
+
+    def combine(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
+        b, n, length, d = z.shape
+        mask = torch.ones(b, n, length, dtype=torch.long, device=z.device) if mask is None else mask
+        across = z.transpose(1, 2).reshape(b * length, n, d)  # at each position, the N instances as a sequence
+        h = self._attend(self.instance_layer, across, mask.transpose(1, 2).reshape(b * length, n))
+        return super().combine(h.view(b, length, n, d).transpose(1, 2), mask)  # masked mean over N
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, d={self.d}, seed={self.seed}, heads={self.layer_config.num_attention_heads}"
+
+
 MULTIPLEXERS: dict[str, type[Multiplexer]] = {
     "orthogonal": OrthogonalMultiplexer,
     "gaussian_hadamard": GaussianHadamardMultiplexer,
     "binary_hadamard": BinaryHadamardMultiplexer,
+    "contextual": ContextualMultiplexer,
 }
 
 
-def make_multiplexer(kind: str, n: int, d: int, seed: int = 0) -> Multiplexer:
-    """Build a multiplexer by name: one of ``MULTIPLEXERS`` (orthogonal, gaussian_hadamard, binary_hadamard)."""
+def make_multiplexer(kind: str, n: int, d: int, seed: int = 0, **options) -> Multiplexer:
+    """Build a multiplexer by name: one of ``MULTIPLEXERS`` (orthogonal, gaussian_hadamard,
+    binary_hadamard, contextual). ``options`` go to the contextual multiplexer's layers
+    (``num_heads``, ``intermediate_size``, ``dropout``); the fixed ones take none."""
     if kind not in MULTIPLEXERS:
         raise ValueError(f"unknown multiplexer {kind!r}; expected one of {sorted(MULTIPLEXERS)}")
-    return MULTIPLEXERS[kind](n, d, seed)
+    if kind != "contextual":
+        return MULTIPLEXERS[kind](n, d, seed)
+    return MULTIPLEXERS[kind](n, d, seed, **options)

@@ -1,12 +1,21 @@
-"""Measure T-MUX's inference throughput against a vanilla BERT of the same size, in one run.
+"""Measure multiplexed Transformers' inference throughput against a vanilla BERT of the same size, in one run.
 
     .venv/bin/python scripts/benchmark_throughput.py            # a GPU: BERT-base, N = 1 2 5 10 20 40
     .venv/bin/python scripts/benchmark_throughput.py --layers 2 --hidden-size 128 --heads 2 --seq-len 64   # a CPU
 
-For every N of ``--n`` a T-MUX sentence classifier (3 labels, as for MNLI) is built, and
-beside them the non-multiplexed baseline of the same size, ``TMUXConfig(vanilla=True,
-n_mux=1)``: plain BERT with no index prefix, no multiplexer and no demultiplexer. All of
-them are timed in the same run by :func:`mux.measure_throughput` (untimed warm-up calls,
+The models (``--model``, one or several, all in the same run):
+
+- ``rsa``: MUX-PLMs (chapter 03), Gaussian-Hadamard multiplexer and RSA demultiplexer
+  (:class:`mux.MUXPLMModel`): no prefix, the sentence head demultiplexes position 0 only;
+- ``tmux``: T-MUX (chapter 02, :class:`mux.TMUXModel`): an index prefix of N tokens;
+- ``contextual``: MUX-PLMs with the contextual multiplexer (two more Transformer layers,
+  one over every instance's tokens, one across the N instances at each position) and the
+  RSA demultiplexer.
+
+For every model and every N of ``--n`` a sentence classifier (3 labels, as for MNLI) is
+built, and beside them the non-multiplexed baseline of the same size (``vanilla=True``,
+N = 1): plain BERT with no prefix, no multiplexer and no demultiplexer. All of them are
+timed in the same run by :func:`mux.measure_throughput` (untimed warm-up calls,
 then several trials with all models interleaved in a seeded shuffled order; the median of
 the trials and their spread, (max - min) / median) and compared with
 :func:`mux.throughput_ratios`: "vs vanilla" is how many times more instances per second
@@ -20,7 +29,7 @@ token ids, drawn from ``--seed``, copied to every instance; every token is real,
 is no padding), in ``--precision``. Not measured: tokenization, data loading, the transfer
 to the device, the loss, the backward pass, accuracy (the weights are untrained). T-MUX
 puts N index tokens in front of every sequence, so its backbone sees ``seq-len + N``
-tokens per sequence, the vanilla model ``seq-len``; the table shows it.
+tokens per sequence, the vanilla model and the RSA models ``seq-len``; the table shows it.
 
 Batch convention
 ----------------
@@ -43,8 +52,9 @@ so a full run of N = 1 ... 40 takes hours there and needs many GB of memory at N
 ``--layers 2 --hidden-size 128 --heads 2 --seq-len 64``. Timings depend on the machine and
 its load: a spread above 0.1 prints a warning (measure again before comparing).
 
-Output: a table on stdout and a JSON file (``--out``, default ``runs/throughput/tmux.json``)
-with the configuration, the convention, the environment and every result.
+Output: a table on stdout and a JSON file (``--out``, default ``runs/throughput/throughput.json``)
+with the configuration, the convention, the environment, every result, and the headline
+ratios as flat keys ``throughput_ratio_<model>_n<N>`` (e.g. ``throughput_ratio_rsa_n10``).
 """
 from __future__ import annotations
 
@@ -76,11 +86,27 @@ def build_tmux(args: argparse.Namespace, n: int, vanilla: bool = False) -> tuple
     return mux.TMUXModel(config), args.seq_len + config.prefix_length
 
 
+def build_rsa(args: argparse.Namespace, n: int, vanilla: bool = False, multiplexer: str | None = None
+              ) -> tuple[nn.Module, int]:
+    """A MUX-PLM sentence classifier (RSA demultiplexer, no prefix) with N = ``n``, or the
+    plain BERT of the same size (``vanilla=True``); its backbone sees ``seq-len`` tokens."""
+    config = mux.MUXPLMConfig(
+        vocab_size=args.vocab_size, n_mux=n, task="sentence", num_labels=args.num_labels,
+        hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads,
+        intermediate_size=args.intermediate_size, max_length=args.seq_len, dropout=0.0,
+        multiplexer=multiplexer or args.multiplexer, mux_seed=args.seed, special_token_ids=(), vanilla=vanilla)
+    return mux.MUXPLMModel(config), args.seq_len
+
+
+def build_contextual(args: argparse.Namespace, n: int, vanilla: bool = False) -> tuple[nn.Module, int]:
+    """:func:`build_rsa` with the contextual multiplexer (``--multiplexer`` is not used)."""
+    return build_rsa(args, n, vanilla, multiplexer="contextual")
+
+
 # The models this script can time, by --model name: builder(args, n, vanilla=False) ->
-# (model taking (B, N, L) token ids, tokens its backbone sees per sequence); builder(args, 1,
-# vanilla=True) is the baseline. The RSA model of chapter 03 (MUX-PLMs) registers here when
-# it lands, e.g. MODELS["rsa"] = build_rsa.
-MODELS = {"tmux": build_tmux}
+# (model taking (B, N, L) token ids, tokens its backbone sees per sequence); the first
+# model's builder(args, 1, vanilla=True) is the baseline (plain BERT for every builder).
+MODELS = {"rsa": build_rsa, "tmux": build_tmux, "contextual": build_contextual}
 
 
 def _int_at_least(minimum: int, what: str):
@@ -110,7 +136,8 @@ def _positive_seconds(text: str) -> float:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="tmux", choices=sorted(MODELS), help="which multiplexed model to time")
+    p.add_argument("--model", nargs="+", default=["rsa", "tmux"], choices=sorted(MODELS),
+                   help="which multiplexed models to time (each at every N, beside one vanilla model)")
     p.add_argument("--n", type=_int_at_least(1, "N"), nargs="+", default=[1, 2, 5, 10, 20, 40],
                    help="the values of N (instances per multiplexed sequence)")
     p.add_argument("--layers", type=_int_at_least(1, "layers"), default=12)
@@ -123,7 +150,9 @@ def parser() -> argparse.ArgumentParser:
                    help="tokens per instance (T-MUX's backbone sees N more: the index prefix)")
     p.add_argument("--num-labels", type=_int_at_least(2, "num-labels"), default=3,
                    help="classes of the sentence classification head (3: MNLI)")
-    p.add_argument("--multiplexer", default="gaussian_hadamard", choices=sorted(mux.MULTIPLEXERS))
+    p.add_argument("--multiplexer", default="gaussian_hadamard",
+                   choices=sorted(k for k in mux.MULTIPLEXERS if k != "contextual"),
+                   help="the fixed multiplexer of rsa and tmux (--model contextual is the contextual one)")
     p.add_argument("--batch", type=_int_at_least(1, "batch"), default=128, help="per forward, in --batch-unit")
     p.add_argument("--batch-unit", default="sequences", choices=["sequences", "instances"],
                    help="sequences: every model runs --batch sequences per forward (batch x N instances for "
@@ -136,7 +165,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=["auto", *DTYPES],
                    help="auto: fp32 on a CPU, bf16 on a GPU with native bf16, else fp16")
-    p.add_argument("--out", default="runs/throughput/tmux.json", help="the JSON file of the results")
+    p.add_argument("--out", default="runs/throughput/throughput.json", help="the JSON file of the results")
     return p
 
 
@@ -218,17 +247,18 @@ def main(argv=None) -> dict:
         p.error(f"--device {args.device}: {e}")
     precision = resolve_precision(p, args.precision, device)
     dtype = DTYPES[precision]
-    build = MODELS[args.model]
+    kinds = list(dict.fromkeys(args.model))
 
-    # the baseline first, then one model per N; each from the same seed
-    specs = [("vanilla", 1, True)] + [(f"{args.model} N={n}", n, False) for n in ns]
-    models, backbone_tokens = {}, {}
+    # the baseline first, then one model per kind and N; each from the same seed
+    specs = [("vanilla", kinds[0], 1, True)] + [(f"{kind} N={n}", kind, n, False) for kind in kinds for n in ns]
+    models, backbone_tokens, kind_of = {}, {}, {}
     started = time.perf_counter()
     print(f"building {len(specs)} models on {device} ({precision}) ...", file=sys.stderr, flush=True)
-    for name, n, vanilla in specs:
+    for name, kind, n, vanilla in specs:
         mux.seed_everything(args.seed)
+        kind_of[name] = "vanilla" if vanilla else kind
         try:
-            model, backbone_tokens[name] = build(args, n, vanilla=vanilla)
+            model, backbone_tokens[name] = MODELS[kind](args, n, vanilla=vanilla)
         except ValueError as e:
             p.error(f"cannot build {name}: {e}")
         models[name] = (model.to(device=device, dtype=dtype).eval(), n)
@@ -246,7 +276,7 @@ def main(argv=None) -> dict:
     ratios = mux.throughput_ratios(results, "vanilla")
     seconds = time.perf_counter() - started
 
-    rows = [{"name": name, "model": "vanilla" if name == "vanilla" else args.model, "vanilla": name == "vanilla",
+    rows = [{"name": name, "model": kind_of[name], "vanilla": name == "vanilla",
              "n": r["n"], "instances": r["instances"], "sequences": r["tuples"],
              "backbone_tokens": backbone_tokens[name], "instances_per_second": r["instances_per_second"],
              "spread": r["spread"], "trials": r["trials"], "repeats": r["repeats"], "ratio": ratios[name]}
@@ -254,8 +284,10 @@ def main(argv=None) -> dict:
     env = environment(device, precision)
     convention = convention_text(args.batch, args.batch_unit)
     busy = [r for r in rows if r["spread"] > SPREAD_WARNING]
+    headline = {f"throughput_ratio_{r['model']}_n{r['n']}": r["ratio"] for r in rows if not r["vanilla"]}
     report = {
-        "model": args.model,
+        **headline,
+        "model": kinds,
         "config": {"layers": args.layers, "hidden_size": args.hidden_size, "heads": args.heads,
                    "intermediate_size": args.intermediate_size or 4 * args.hidden_size, "vocab_size": args.vocab_size,
                    "seq_len": args.seq_len, "num_labels": args.num_labels, "task": "sentence",

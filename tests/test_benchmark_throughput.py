@@ -16,28 +16,32 @@ TINY = ["--layers", "1", "--hidden-size", "16", "--heads", "2", "--vocab-size", 
 
 
 @pytest.mark.parametrize("unit", ["sequences", "instances"])
-def test_a_tiny_run_reports_every_n_against_the_vanilla_model(tmp_path, capsys, unit):
-    out = tmp_path / "tmux.json"
-    report = bench.main([*TINY, "--batch", "4", "--batch-unit", unit, "--out", str(out)])
+def test_a_tiny_run_reports_every_model_and_n_against_one_vanilla_model(tmp_path, capsys, unit):
+    out = tmp_path / "throughput.json"
+    report = bench.main([*TINY, "--model", "rsa", "tmux", "contextual", "--batch", "4", "--batch-unit", unit,
+                         "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))  # the file holds what main returned
 
     rows = {r["name"]: r for r in report["results"]}
-    assert list(rows) == ["vanilla", "tmux N=1", "tmux N=2", "tmux N=3"]
+    assert list(rows) == ["vanilla"] + [f"{m} N={n}" for m in ("rsa", "tmux", "contextual") for n in (1, 2, 3)]
     assert rows["vanilla"]["vanilla"] and rows["vanilla"]["n"] == 1 and rows["vanilla"]["ratio"] == 1.0
     for name, r in rows.items():
         n = r["n"]
         assert r["instances"] == (4 * n if unit == "sequences" else 4)
         assert r["sequences"] == (4 if unit == "sequences" else -(-4 // n))
-        assert r["backbone_tokens"] == 8 + (0 if r["vanilla"] else n)  # T-MUX's N index tokens
+        prefix = n if r["model"] == "tmux" else 0  # T-MUX's N index tokens; RSA keeps the length
+        assert r["backbone_tokens"] == 8 + prefix
         assert r["ratio"] > 0 and r["instances_per_second"] > 0 and r["spread"] >= 0 and len(r["trials"]) == 1
-    assert [r["n"] for r in report["results"] if not r["vanilla"]] == [1, 2, 3]
+    for m in ("rsa", "tmux", "contextual"):  # the headline ratios, flat
+        assert [report[f"throughput_ratio_{m}_n{n}"] for n in (1, 2, 3)] == [rows[f"{m} N={n}"]["ratio"] for n in (1, 2, 3)]
+    assert report["model"] == ["rsa", "tmux", "contextual"]
     assert report["convention"]["batch"] == 4 and report["convention"]["batch_unit"] == unit
     assert report["config"]["n"] == [1, 2, 3] and report["config"]["seq_len"] == 8
     assert report["environment"]["precision"] == "fp32" and report["environment"]["device"] == "cpu"
     assert report["environment"]["torch"] == torch.__version__ and report["environment"]["threads"] >= 1
 
     printed = capsys.readouterr().out
-    assert "batch convention:" in printed and "tmux N=3" in printed and "precision: fp32" in printed
+    assert "batch convention:" in printed and "contextual N=3" in printed and "precision: fp32" in printed
 
 
 def test_bad_input_exits_with_a_message_naming_it(tmp_path, capsys):

@@ -90,10 +90,9 @@ class TMUXConfig:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_length", "type_vocab_size"):
             check_n(getattr(self, name), name=name)
         check_n(self.intermediate_size, name="intermediate_size", minimum=0)
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; expected one of {list(TASKS)}")
-        if self.task != "retrieval":
-            check_n(self.num_labels, name=f"num_labels (classes of the {self.task} task)", minimum=2)
+        if self.task not in self.tasks:
+            raise ValueError(f"unknown task {self.task!r}; expected one of {list(self.tasks)}")
+        self._check_labels()
         if self.multiplexer not in MULTIPLEXERS:
             raise ValueError(f"unknown multiplexer {self.multiplexer!r}; expected one of {sorted(MULTIPLEXERS)}")
         if self.hidden_size % self.num_heads:
@@ -108,6 +107,12 @@ class TMUXConfig:
         bad = [i for i in (*self.special_token_ids, self.pad_token_id) if not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"special token ids {bad} are outside the vocabulary (size {self.vocab_size})")
+
+    tasks = TASKS  # the tasks this configuration knows (a class attribute, not a field)
+
+    def _check_labels(self) -> None:
+        if self.task != "retrieval":
+            check_n(self.num_labels, name=f"num_labels (classes of the {self.task} task)", minimum=2)
 
     @property
     def prefix_length(self) -> int:
@@ -177,7 +182,7 @@ class TMUXModel(nn.Module):
     def _check(self, input_ids: Tensor, attention_mask: Tensor | None, token_type_ids: Tensor | None) -> None:
         c = self.config
         if input_ids.dim() != 3 or input_ids.shape[1] != c.n_mux:
-            raise ValueError(f"TMUXModel expects input_ids (B, N={c.n_mux}, L), got shape {tuple(input_ids.shape)}; "
+            raise ValueError(f"{type(self).__name__} expects input_ids (B, N={c.n_mux}, L), got shape {tuple(input_ids.shape)}; "
                              "group a flat batch with mux.group or mux.multiplexed_forward")
         if input_ids.is_floating_point():
             raise TypeError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
