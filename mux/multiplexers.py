@@ -99,6 +99,11 @@ class Multiplexer(nn.Module):
     :meth:`transform` (per instance) and/or :meth:`combine` (across instances).
     """
 
+    #: True when the mixture is the masked mean of per-instance terms phi_i(x_i), each computed from
+    #: instance i alone: a model may then embed and mix the instances a block at a time
+    #: (:meth:`partial_sum`), which keeps the per-instance tensors small (MUX-PLMs at large N).
+    separable = True
+
     def __init__(self, n: int, d: int, seed: int = 0):
         super().__init__()
         self.n = check_n(n)
@@ -128,7 +133,28 @@ class Multiplexer(nn.Module):
 
     def transform(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Per-instance step, ``(B, N, ..., d) -> (B, N, ..., d')``. Default: the identity."""
+        return self._transform_block(x, 0)
+
+    def _transform_block(self, x: Tensor, start: int) -> Tensor:
+        """phi_i for the instances ``start .. start + k - 1`` of ``x`` ``(B, k, ..., d)``. Default: the identity."""
         return x
+
+    def partial_sum(self, x: Tensor, mask: Tensor | None, start: int) -> Tensor:
+        """``sum_i phi_i(x_i)`` over a block of instances, padding contributing zero: ``x`` ``(B, k, ..., d)``
+        holds instances ``start .. start + k - 1``, ``mask`` ``(B, k, ...)`` or None -> ``(B, ..., d)``.
+
+        For a separable multiplexer the mixture is the sum of the partial sums of blocks that
+        cover the N instances, divided by N: the same numbers as ``forward`` up to the order of
+        the additions."""
+        if not self.separable:
+            raise TypeError(f"{type(self).__name__} mixes the instances with each other: it has no partial sums")
+        k = x.shape[1]
+        if not 0 <= start <= self.n - k:
+            raise ValueError(f"instances {start} .. {start + k - 1} are not among the N={self.n} of {type(self).__name__}")
+        z = self._transform_block(x, start)
+        if mask is not None:
+            z = z * mask.unsqueeze(-1).to(z.dtype)
+        return z.sum(dim=1)
 
     def combine(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
         """Across-instance step, ``(B, N, ..., d') -> (B, ..., d')``. Default: the mean over N.
@@ -152,8 +178,8 @@ class Multiplexer(nn.Module):
         return self.combine(self.transform(x, mask), mask)
 
     def _per_instance(self, v: Tensor, x: Tensor) -> Tensor:
-        """Reshape an ``(N, d)`` table so it broadcasts against ``(B, N, ..., d)``."""
-        return v.view(1, self.n, *([1] * (x.dim() - 3)), self.d).to(x.dtype)
+        """Reshape a ``(k, d)`` table (k = N, or a block of instances) so it broadcasts against ``(B, k, ..., d)``."""
+        return v.view(1, v.shape[0], *([1] * (x.dim() - 3)), self.d).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"n={self.n}, d={self.d}, seed={self.seed}"
@@ -176,9 +202,10 @@ class OrthogonalMultiplexer(Multiplexer):
             nn.init.orthogonal_(weight[i], generator=g)
         self.register_buffer("weight", weight)
 
-    def transform(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        flat = x.reshape(x.shape[0], self.n, -1, self.d)  # (B, N, M, d)
-        out = torch.einsum("bnmd,ned->bnme", flat, self.weight.to(x.dtype))
+    def _transform_block(self, x: Tensor, start: int) -> Tensor:
+        k = x.shape[1]
+        flat = x.reshape(x.shape[0], k, -1, self.d)  # (B, k, M, d)
+        out = torch.einsum("bnmd,ned->bnme", flat, self.weight[start:start + k].to(x.dtype))
         return out.reshape(x.shape)
 
 
@@ -196,8 +223,8 @@ class GaussianHadamardMultiplexer(Multiplexer):
         v = v / v.norm(dim=1, keepdim=True) * math.sqrt(self.d)
         self.register_buffer("weight", v)
 
-    def transform(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return x * self._per_instance(self.weight, x)
+    def _transform_block(self, x: Tensor, start: int) -> Tensor:
+        return x * self._per_instance(self.weight[start:start + x.shape[1]], x)
 
 
 class BinaryHadamardMultiplexer(Multiplexer):
@@ -218,8 +245,8 @@ class BinaryHadamardMultiplexer(Multiplexer):
             mask[i, block] = 1.0
         self.register_buffer("weight", mask)
 
-    def transform(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return x * self._per_instance(self.weight, x)
+    def _transform_block(self, x: Tensor, start: int) -> Tensor:
+        return x * self._per_instance(self.weight[start:start + x.shape[1]], x)
 
 
 def _key_mask(mask: Tensor) -> Tensor:
@@ -259,6 +286,8 @@ class ContextualMultiplexer(GaussianHadamardMultiplexer):
     ``num_heads`` defaults to ``d // 64`` (at least 1) as in BERT; ``intermediate_size`` to 4d.
     """
 
+    separable = False  # TRANS_inst attends across the instances
+
     def __init__(self, n: int, d: int, seed: int = 0, num_heads: int | None = None,
                  intermediate_size: int | None = None, dropout: float = 0.1):
         super().__init__(n, d, seed)
@@ -291,7 +320,7 @@ class ContextualMultiplexer(GaussianHadamardMultiplexer):
         b, n, length, d = x.shape
         mask = torch.ones(b, n, length, dtype=torch.long, device=x.device) if mask is None else mask
         h = self._attend(self.context_layer, x.reshape(b * n, length, d), mask.reshape(b * n, length))
-        return super().transform(h.view(b, n, length, d))  # * v_i
+        return self._transform_block(h.view(b, n, length, d), 0)  # * v_i
 
     def combine(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
         b, n, length, d = z.shape

@@ -206,3 +206,23 @@ def test_base_class_carries_a_concatenating_combine_and_the_mask():
         m(x, torch.ones(2, n, length + 1))
     with pytest.raises(ValueError, match=r"expects \(B, N=3, \.\.\., d=4\)"):
         m(torch.randn(2, n, length, d + 1))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_partial_sums_over_blocks_of_instances_give_the_mixture(kind):
+    # what MUXPLMModel.embed_and_mix relies on: sum of the blocks' partial sums / N == forward
+    n, d = 7, 12
+    m = mux.make_multiplexer(kind, n, d, seed=2)
+    x, mask = torch.randn(3, n, 5, d), (torch.rand(3, n, 5) > 0.3).long()
+    blocks = [(0, 3), (3, 4), (4, 7)]
+    total = sum(m.partial_sum(x[:, a:b], mask[:, a:b], start=a) for a, b in blocks) / n
+    torch.testing.assert_close(total, m(x, mask))
+    with pytest.raises(ValueError, match="are not among the N=7"):
+        m.partial_sum(x[:, :3], mask[:, :3], start=5)
+
+
+def test_the_contextual_multiplexer_has_no_partial_sums():
+    m = mux.make_multiplexer("contextual", 2, 8, num_heads=2)
+    assert not m.separable
+    with pytest.raises(TypeError, match="has no partial sums"):
+        m.partial_sum(torch.randn(1, 1, 3, 8), None, start=0)

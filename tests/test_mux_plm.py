@@ -20,9 +20,9 @@ import mux
 from mux.evaluate import _ensemble_seed
 from mux.models.mux_plm import STAGES, MUXPLMConfig, MUXPLMModel
 
-V = 40  # vocabulary of the tokenizer-free models
-PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4  # the ids train_wordpiece_tokenizer gives them
-SPECIAL = (PAD, UNK, CLS, SEP, MASK)
+from text_batches import CLS, MASK, PAD, SEP, SPECIAL, UNK, V, sentences  # noqa: F401
+from text_batches import random_lengths as _random_lengths
+
 MAX_LENGTH = 12
 TINY = dict(hidden_size=16, num_layers=1, num_heads=2, max_length=MAX_LENGTH, dropout=0.0)
 LABELS = {"retrieval": 0, "mlm": 0, "rtd": 0, "sentence": 3, "token": 4}
@@ -42,22 +42,8 @@ def tiny(n=2, task="sentence", seed=0, **kw) -> MUXPLMModel:
     return MUXPLMModel(config(n, task, **kw)).eval()
 
 
-def sentences(lengths, width=None, seed=0) -> dict:
-    """A flat batch like a collator's: ``[CLS] words [SEP]`` then [PAD], with the attention mask."""
-    g = torch.Generator().manual_seed(seed)
-    width = width or max(lengths)
-    ids = torch.full((len(lengths), width), PAD)
-    mask = torch.zeros_like(ids)
-    for i, k in enumerate(lengths):
-        ids[i, :k] = torch.randint(len(SPECIAL), V, (k,), generator=g)
-        ids[i, 0], ids[i, k - 1] = CLS, SEP
-        mask[i, :k] = 1
-    return {"input_ids": ids, "attention_mask": mask}
-
-
 def random_lengths(m, seed=0, low=3, high=9):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(low, high + 1, (m,), generator=g).tolist()
+    return _random_lengths(m, seed, low, high)
 
 
 def _randomise_(module):
@@ -891,3 +877,15 @@ def test_evaluate_a_mux_plm_regression():
     assert_close(mux.classification_loss(model, batch, n),
                  ((mux.multiplexed_forward(model, {k: v for k, v in batch.items() if k != "labels"}, n)["logits"][:, 0]
                    - batch["labels"]) ** 2).mean())
+
+
+@pytest.mark.parametrize("multiplexer", ["gaussian_hadamard", "orthogonal", "binary_hadamard"])
+def test_embedding_in_blocks_gives_the_mixture_of_all_instances(multiplexer):
+    model = tiny(5, "sentence", multiplexer=multiplexer)
+    model.block_elements = 2 * MAX_LENGTH * 16  # 2 instances per block: blocks of 2, 2 and 1 instances, one tuple each
+    batch = {k: v.view(3, 5, -1) for k, v in sentences(random_lengths(15), width=MAX_LENGTH).items()}
+    types = torch.zeros_like(batch["input_ids"])
+    with torch.no_grad():
+        embedded = model.backbone.embeddings(input_ids=batch["input_ids"].flatten(0, 1), token_type_ids=types.flatten(0, 1))
+        expected = model.mux(embedded.view(3, 5, MAX_LENGTH, 16), batch["attention_mask"])
+        assert_close(model.embed_and_mix(batch["input_ids"], batch["attention_mask"], types), expected)

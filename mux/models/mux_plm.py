@@ -179,25 +179,50 @@ class MUXPLMModel(TMUXModel):
         from transformers.masking_utils import create_bidirectional_mask
 
         bert = self.backbone
-        b, n, length = input_ids.shape
         if self.config.vanilla:  # one sentence per pass: BERT as it is
             h = bert(input_ids=input_ids[:, 0], attention_mask=attention_mask[:, 0],
                      token_type_ids=token_type_ids[:, 0]).last_hidden_state.unsqueeze(1)  # (B, 1, L, d)
             return h[:, :, 0] if first_only else h
-        embedded = bert.embeddings(input_ids=input_ids.flatten(0, 1), token_type_ids=token_type_ids.flatten(0, 1))
-        mixed = self.mux(embedded.view(b, n, length, -1), attention_mask)  # (B, L, d)
+        mixed = self.embed_and_mix(input_ids, attention_mask, token_type_ids)  # (B, L, d)
         attend = create_bidirectional_mask(config=bert.config, inputs_embeds=mixed,
                                            attention_mask=union_mask(attention_mask))
         h = bert.encoder(mixed, attention_mask=attend).last_hidden_state  # (B, L, d)
         return self.demux(h[:, 0] if first_only else h)  # (B, N, d) or (B, N, L, d)
 
+    #: elements (instances x L x d) embedded at once when the multiplexer is separable
+    block_elements = 2**20
+
+    def embed_and_mix(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor) -> Tensor:
+        """BERT's embeddings of every instance, then the multiplexer: ``(B, N, L)`` -> ``(B, L, d)``.
+
+        With a separable multiplexer (the fixed ones: the mixture is a masked mean of
+        per-instance terms), the instances are embedded and mixed a block at a time and the
+        blocks' partial sums added up: the same numbers, up to the order of the additions, as
+        embedding all B x N instances at once, without the (B, N, L, d) tensor that at large N
+        (N = 40, L = 128, d = 768: 250 MB for 16 tuples) outgrows the caches and costs more
+        than a tenth of the encoder's time on a CPU. The contextual multiplexer needs all N at once.
+        """
+        bert, (b, n, length), d = self.backbone, input_ids.shape, self.config.hidden_size
+        embed = lambda s: bert.embeddings(input_ids=input_ids[s].flatten(0, 1),  # noqa: E731
+                                          token_type_ids=token_type_ids[s].flatten(0, 1))
+        if not self.mux.separable:
+            return self.mux(embed(slice(None)).view(b, n, length, d), attention_mask)
+        per_block = max(1, min(n, self.block_elements // (length * d)))  # instances of a tuple per block
+        tuples = max(1, self.block_elements // (per_block * length * d))  # tuples per block
+        out = []
+        for t in range(0, b, tuples):
+            total = None
+            for i in range(0, n, per_block):
+                block = (slice(t, t + tuples), slice(i, i + per_block))
+                x = embed(block).view(-1, min(per_block, n - i), length, d)
+                part = self.mux.partial_sum(x, attention_mask[block], start=i)
+                total = part if total is None else total + part
+            out.append(total / n)
+        return torch.cat(out) if len(out) > 1 else out[0]
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
                 return_retrieval: bool = False) -> dict[str, Tensor]:
-        self._check(input_ids, attention_mask, token_type_ids)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
+        attention_mask, token_type_ids = self._inputs(input_ids, attention_mask, token_type_ids)
         task = self.config.task
         first_only = task == "sentence" and not return_retrieval
         z = self.encode(input_ids, attention_mask, token_type_ids, first_only=first_only)

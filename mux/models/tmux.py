@@ -238,13 +238,15 @@ class TMUXModel(nn.Module):
         h = bert.encoder(mixed, attention_mask=attend).last_hidden_state  # (B, N + L, d)
         return self.demux(h[:, n:], prefix=h[:, :n])  # keys: the N index slots -> (B, N, L, d)
 
+    def _inputs(self, input_ids: Tensor, attention_mask: Tensor | None, token_type_ids: Tensor | None):
+        """Check the inputs; fill a missing mask with ones and missing token types with zeros."""
+        self._check(input_ids, attention_mask, token_type_ids)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        return mask, torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
                 return_retrieval: bool = False) -> dict[str, Tensor]:
-        self._check(input_ids, attention_mask, token_type_ids)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
+        attention_mask, token_type_ids = self._inputs(input_ids, attention_mask, token_type_ids)
         c = self.config
         z = self.encode(input_ids, attention_mask, token_type_ids)  # (B, N, L, d)
         out = {}
