@@ -23,10 +23,21 @@ TINY = dict(n_values=[1, 3], multiplexers=["orthogonal", "binary_hadamard"], com
             steps=20, batch_size=48, throughput_trials=1, device="cpu")
 
 
+# No cell of these runs takes minutes; a cell that does has lost a kernel message (seen once: a
+# client waiting forever after a widget cell, the kernel idle), and is run once more.
+CELL_TIMEOUT = 600
+
+
 def run(notebook, tmp_path, **parameters):
     out = tmp_path / f"executed_{notebook.name}"
-    pm.execute_notebook(str(notebook), str(out), parameters=parameters, cwd=str(notebook.parent),
-                        kernel_name="python3", progress_bar=False)
+    for attempt in (1, 2):
+        try:
+            pm.execute_notebook(str(notebook), str(out), parameters=parameters, cwd=str(notebook.parent),
+                                kernel_name="python3", progress_bar=False, execution_timeout=CELL_TIMEOUT)
+            break
+        except TimeoutError:  # nbclient's CellTimeoutError
+            if attempt == 2:
+                raise
     return nbformat.read(str(out), as_version=4)
 
 
