@@ -6,7 +6,8 @@ inputs (N) -> front -> multiplexer -> shared backbone -> demultiplexer -> head -
 - ``mux.grouping``: batches of instances <-> tuples of N, the padding policy
 - ``mux.multiplexers``: ways of mixing N instances into one representation
 - ``mux.demultiplexers``: ways of recovering N representations from one
-- ``mux.models``: one file per method (``datamux``, ``tmux``, ``mux_plm``)
+- ``mux.models``: one file per method (``datamux``, ``tmux``, ``mux_plm``, ``vit``,
+  ``image_multiplexer``, ``concatplexer``)
 - ``mux.losses``: training objectives (a tensor, or named terms with the total under "loss")
 - ``mux.train`` / ``mux.evaluate``: the Accelerate training loop and every-example evaluation
 - ``mux.params``, ``mux.reporting``, ``mux.plots``, ``mux.env``: notebook support
@@ -17,26 +18,47 @@ from .env import device_of, pick_device, versions
 from .evaluate import IGNORE_INDEX, evaluate, evaluation_order, predict, predict_logits
 from .grouping import check_n, group, multiplexed_forward, pad_to_multiple, ungroup, union_mask
 from .losses import (
+    ConcatPlexerLoss,
     TaskAndRetrievalLoss,
     classification_loss,
+    clip_contrastive_loss,
     cross_entropy_and_accuracy,
     masked_lm_loss,
+    mixed_labels,
     replaced_token_loss,
     retrieval_loss,
 )
-from .models import DataMUXClassifier, DataMUXConfig, MUXPLMConfig, MUXPLMModel, TMUXConfig, TMUXModel
+from .models import (
+    ConcatPlexerConfig,
+    ConcatPlexerModel,
+    DataMUXClassifier,
+    DataMUXConfig,
+    FeatureTeacher,
+    ImageMultiplexerConfig,
+    ImageMultiplexerModel,
+    MUXPLMConfig,
+    MUXPLMModel,
+    PatchCodebook,
+    TMUXConfig,
+    TMUXModel,
+    VisionConfig,
+    ViTClassifier,
+)
 from .multiplexers import (
     MULTIPLEXERS,
     BinaryHadamardMultiplexer,
+    ConcatMultiplexer,
     ContextualMultiplexer,
     GaussianHadamardMultiplexer,
+    MLPOrthogonalMultiplexer,
     Multiplexer,
     OrthogonalMultiplexer,
     make_multiplexer,
+    tuple_mixup,
 )
 from .params import ParameterError, check_parameters
 from .reporting import paper_vs_ours, read_metrics, summary_table, write_metrics
-from .throughput import flops_per_instance, measure_throughput, throughput_ratios
+from .throughput import count_macs, flops_per_instance, measure_throughput, throughput_ratios
 from .train import (
     TrainConfig,
     TrainResult,

@@ -10,15 +10,18 @@ a ``labels`` entry (see :mod:`mux.evaluate`); ``n`` is the number of instances p
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor, nn
 
 from .evaluate import IGNORE_INDEX, logits_of, split_batch
-from .grouping import multiplexed_forward
+from .grouping import group, multiplexed_forward, pad_to_multiple, ungroup
+from .multiplexers import tuple_mixup
 
 __all__ = ["classification_loss", "cross_entropy_and_accuracy", "retrieval_loss", "TaskAndRetrievalLoss",
-           "masked_lm_loss", "replaced_token_loss"]
+           "masked_lm_loss", "replaced_token_loss", "clip_contrastive_loss", "mixed_labels", "ConcatPlexerLoss"]
 
 
 def classification_loss(model: nn.Module, batch, n: int) -> Tensor:
@@ -56,8 +59,12 @@ def cross_entropy_and_accuracy(logits: Tensor, labels: Tensor) -> tuple[Tensor, 
 
 
 def _with_retrieval(inputs) -> dict:
+    """The model's inputs with ``return_retrieval=True``: a dict batch (text) gains the flag, a
+    tensor batch (images, codes) becomes ``{"x": inputs, "return_retrieval": True}``."""
+    if isinstance(inputs, Tensor):
+        return {"x": inputs, "return_retrieval": True}
     if not isinstance(inputs, Mapping):
-        raise TypeError("token retrieval needs dict batches (input_ids, attention_mask, ...), "
+        raise TypeError("token retrieval needs tensor or dict batches (input_ids, attention_mask, ...), "
                         f"got {type(inputs).__name__}")
     return {**inputs, "return_retrieval": True}
 
@@ -147,3 +154,107 @@ def replaced_token_loss(model: nn.Module, batch, n: int) -> dict[str, Tensor]:
     replaced = target.bool()
     recall = (said & replaced).float().sum() / replaced.float().sum().clamp(min=1)
     return {"loss": loss, "rtd_acc": accuracy, "replaced_recall": recall}
+
+
+def clip_contrastive_loss(student: Tensor, teacher: Tensor, temperature: float = 0.07) -> Tensor:
+    """ConcatPlexer's CLIP loss (eq. 4): a symmetric contrastive (InfoNCE) loss between the
+    student's features ``(M, D)`` and the teacher's ``(M, D)`` for the same M images.
+
+    Both are L2-normalised; ``logits[a, b] = cos(student_a, teacher_b) / temperature``; each
+    image's own teacher feature is the right answer among the M of the batch, and each teacher
+    feature's own student feature among the M students: the mean of the two cross-entropies,
+    as CLIP's loss between images and texts. The paper writes ``Ctrs(CLIP(x), CLS_x)`` without
+    more; this is the course's reading, with CLIP's initial temperature 0.07 kept fixed.
+    """
+    if student.dim() != 2 or student.shape != teacher.shape:
+        raise ValueError(f"the CLIP loss compares features (M, D) of the same M images: student "
+                         f"{tuple(student.shape)}, teacher {tuple(teacher.shape)}; the model's teacher_dim "
+                         "must be the teacher's feature size")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    s = nn.functional.normalize(student.float(), dim=-1)
+    t = nn.functional.normalize(teacher.float(), dim=-1)
+    logits = s @ t.T / temperature
+    target = torch.arange(len(s), device=s.device)
+    return (nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target)) / 2
+
+
+def mixed_labels(labels: Tensor, n: int, num_classes: int, alpha: float) -> Tensor:
+    """The soft labels of eq. 5 for a flat batch of M labels grouped into tuples of N.
+
+    The batch is padded and grouped as :func:`mux.multiplexed_forward` pads and groups it; in
+    each tuple, instance i's label becomes ``alpha * onehot(y_i) + (1 - alpha) / (N - 1) *
+    sum_{n != i} onehot(y_n)`` (:func:`mux.multiplexers.tuple_mixup`). Returns ``(M, num_classes)``.
+    """
+    padded, m = pad_to_multiple(labels, n)
+    onehot = nn.functional.one_hot(padded, num_classes).float()
+    return ungroup(tuple_mixup(group(onehot, n), alpha))[:m]
+
+
+class ConcatPlexerLoss:
+    """ConcatPlexer's training loss (section 3.3): ``ce + clip_weight * clip + smoothing_weight * smooth``.
+
+    - ``ce``: cross-entropy of each image's demultiplexed prediction against its label.
+    - ``clip`` (eq. 4, :func:`clip_contrastive_loss`): the demultiplexed CLS, through the
+      model's feature head, against a frozen ``teacher`` 's features of the same image
+      (a :class:`mux.models.concatplexer.FeatureTeacher`).
+    - ``smooth`` (eq. 5): the prediction from the tuple-mixed tokens
+      (``smoothing_alpha`` of an image's own tokens, the rest shared by the other N - 1)
+      against the labels mixed with the same weights (:func:`mixed_labels`), a cross-entropy
+      with probability targets. Needs N >= 2.
+
+    Our reading of eq. 5. The extracted equation shows ``M_i`` (a mix of the N images'
+    high-level tokens T_n with weight alpha on T_i and (1 - alpha)/(N - 1) on each other) and
+    ``M_i^GT`` (the same mix of the one-hot labels Y_n), then ``CE(M_i, M_i^GT)``. A
+    cross-entropy between tokens and labels is not defined, so we read ``CE(M_i, M_i^GT)`` as
+    the cross-entropy between the model's prediction for slot i when its input is M_i and
+    the soft label M_i^GT: a mixup within the tuple. The paper lists three loss terms
+    (classification, CLIP, smoothing), so the mixed pass is an extra term beside the clean
+    one, not a replacement: the model runs from the C-Multiplexer on twice (the patchifier
+    once). The paper gives no weights, alpha or temperature; the defaults here are the
+    course's: weights 1 when a term is on, alpha = 0.8, temperature 0.07.
+    """
+
+    def __init__(self, clip_weight: float = 0.0, smoothing_weight: float = 0.0, smoothing_alpha: float = 0.8,
+                 teacher: nn.Module | None = None, temperature: float = 0.07):
+        for name, w in (("clip_weight", clip_weight), ("smoothing_weight", smoothing_weight),
+                        ("temperature", temperature)):
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {w!r}")
+        if not 0 <= smoothing_alpha <= 1:
+            raise ValueError(f"smoothing_alpha (the weight an image keeps of its own tokens) must be in [0, 1], "
+                             f"got {smoothing_alpha!r}")
+        if clip_weight > 0 and teacher is None:
+            raise ValueError("clip_weight > 0 needs a teacher (mux.models.FeatureTeacher.from_clip or .from_vit)")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.clip_weight, self.smoothing_weight = float(clip_weight), float(smoothing_weight)
+        self.smoothing_alpha, self.temperature, self.teacher = float(smoothing_alpha), float(temperature), teacher
+
+    def __call__(self, model: nn.Module, batch, n: int) -> dict[str, Tensor]:
+        images, labels = split_batch(batch)
+        inputs = {"x": images, "return_features": self.clip_weight > 0,
+                  "smoothing_alpha": self.smoothing_alpha if self.smoothing_weight > 0 else None}
+        out = multiplexed_forward(model, inputs, n)
+        ce, accuracy = cross_entropy_and_accuracy(logits_of(out), labels)
+        terms = {"ce": ce, "acc": accuracy}
+        total = ce
+        if self.clip_weight > 0:
+            self.teacher.to(images.device)
+            target = self.teacher(images)
+            if target.shape[-1] != out["features"].shape[-1]:
+                raise ValueError(f"the teacher {getattr(self.teacher, 'name', '')!r} gives {target.shape[-1]} features, "
+                                 f"the model's feature head {out['features'].shape[-1]}: build the model with "
+                                 f"teacher_dim={target.shape[-1]}")
+            terms["clip"] = clip_contrastive_loss(out["features"], target, self.temperature)
+            total = total + self.clip_weight * terms["clip"]
+        if self.smoothing_weight > 0:
+            soft = mixed_labels(labels, n, out["smooth_logits"].shape[-1], self.smoothing_alpha)
+            terms["smooth"] = nn.functional.cross_entropy(out["smooth_logits"].float(), soft)
+            total = total + self.smoothing_weight * terms["smooth"]
+        return {"loss": total, **terms}
+
+    def __repr__(self) -> str:  # part of a run's identity in its checkpoints: keep it stable
+        teacher = getattr(self.teacher, "name", None) if self.teacher is not None else None
+        return (f"ConcatPlexerLoss(clip_weight={self.clip_weight}, smoothing_weight={self.smoothing_weight}, "
+                f"smoothing_alpha={self.smoothing_alpha}, teacher={teacher!r}, temperature={self.temperature})")

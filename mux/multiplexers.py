@@ -47,12 +47,19 @@ Chapter 03 implements MUX-PLMs' contextual multiplexer (:class:`ContextualMultip
 ``transform`` = a Transformer layer over each instance's own sequence (attention mask =
 that instance's ``mask``), then the Hadamard product with a fixed Gaussian vector per
 instance; ``combine`` = a Transformer layer across the N instances at each position, then
-the mean over N. The chapters to come implement the contract with:
+the mean over N. Chapter 04 (vision) adds two:
 
-- ConcatPlexer's C-Multiplexer: ``transform`` = a 1-D convolution shortening each image's
-  L tokens to L/N; ``combine`` = concatenation of the N shortened sequences, ``(B, L, d)``.
-- MixViT's token CutMix: ``combine`` picks, at every position, the token of one source
-  instance.
+- the Image Multiplexer's :class:`MLPOrthogonalMultiplexer`: ``transform`` = a shallow MLP
+  of the instance's own, then its fixed orthogonal Q_i; ``combine`` = the mean over N.
+- ConcatPlexer's C-Multiplexer (:class:`ConcatMultiplexer`): ``transform`` = a 1-D
+  convolution (kernel = stride = N) shortening each image's L tokens to L/N; ``combine`` =
+  concatenation of the N shortened sequences into one of L tokens, ``(B, L, d)``, plus a
+  learned embedding of each of the L slots. It mixes nothing: it makes room.
+
+:func:`tuple_mixup` mixes the N instances of a tuple with each other (ConcatPlexer's
+mixed-label smoothing, eq. 5); the same weights mix their one-hot labels.
+The chapter to come adds MixViT's token CutMix, whose ``combine`` picks, at every position,
+the token of one source instance.
 
 The three DataMUX multiplexers below act on the last dimension only, so the same module
 mixes vectors ``(B, N, d) -> (B, d)``, token sequences ``(B, N, L, d) -> (B, L, d)`` or
@@ -83,6 +90,9 @@ __all__ = [
     "GaussianHadamardMultiplexer",
     "BinaryHadamardMultiplexer",
     "ContextualMultiplexer",
+    "MLPOrthogonalMultiplexer",
+    "ConcatMultiplexer",
+    "tuple_mixup",
     "MULTIPLEXERS",
     "make_multiplexer",
 ]
@@ -333,18 +343,154 @@ class ContextualMultiplexer(GaussianHadamardMultiplexer):
         return f"n={self.n}, d={self.d}, seed={self.seed}, heads={self.layer_config.num_attention_heads}"
 
 
+class MLPOrthogonalMultiplexer(OrthogonalMultiplexer):
+    """The Image Multiplexer's mixing (ConcatPlexer paper, section 4.1, Fig. 2a).
+
+    ``phi_i(x) = Q_i MLP_i(x)``: each instance index i has a shallow MLP of its own,
+    ``Linear(d, d) -> GELU -> Linear(d, d)`` (trained), then the fixed Haar-random orthogonal
+    Q_i of :class:`OrthogonalMultiplexer` (same seed, same matrices); the mixture is the mean
+    over N. Acts on the last dimension, so it mixes token sequences ``(B, N, L, d) -> (B, L, d)``
+    position by position. The paper says "a shallow MLP" and no more: one hidden layer of
+    width d is this course's reading.
+
+    The N MLPs are computed in one batched operation; their parameters are stacked over the
+    N indices (``fc1_weight`` ``(N, d, d)`` laid out like ``nn.Linear.weight``, ``fc1_bias``
+    ``(N, d)``, same for ``fc2``) and start as N separate ``nn.Linear(d, d)`` would.
+    """
+
+    def __init__(self, n: int, d: int, seed: int = 0):
+        super().__init__(n, d, seed)
+        for name in ("fc1", "fc2"):
+            self.register_parameter(f"{name}_weight", nn.Parameter(torch.empty(self.n, self.d, self.d)))
+            self.register_parameter(f"{name}_bias", nn.Parameter(torch.empty(self.n, self.d)))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Each index's two layers start as ``nn.Linear(d, d)`` does (Kaiming-uniform, a=sqrt(5))."""
+        bound = 1 / math.sqrt(self.d)
+        for i in range(self.n):
+            for name in ("fc1", "fc2"):
+                nn.init.kaiming_uniform_(getattr(self, f"{name}_weight")[i], a=math.sqrt(5))
+                nn.init.uniform_(getattr(self, f"{name}_bias")[i], -bound, bound)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"fc1_bias", "fc2_bias"}
+
+    def _transform_block(self, x: Tensor, start: int) -> Tensor:
+        k = x.shape[1]
+        flat = x.reshape(x.shape[0], k, -1, self.d)  # (B, k, M, d)
+        idx = slice(start, start + k)
+        h = torch.einsum("bnmi,noi->bnmo", flat, self.fc1_weight[idx]) + self.fc1_bias[None, idx, None]
+        h = torch.einsum("bnmi,noi->bnmo", nn.functional.gelu(h), self.fc2_weight[idx]) + self.fc2_bias[None, idx, None]
+        return super()._transform_block(h.reshape(x.shape), start)  # Q_i
+
+
+class ConcatMultiplexer(Multiplexer):
+    """ConcatPlexer's C-Multiplexer (section 3.2, Fig. 2b): shorten, then concatenate.
+
+    ``(B, N, L, d)`` token sequences (one per image) -> ``(B, L, d)``:
+
+    1. ``transform``, per image: a 1-D convolution over the token axis with kernel = stride
+       = N and d output channels (shared by the N slots), ``L -> L/N`` tokens: each output
+       token is a learned function of N neighbouring input tokens (neighbours in the
+       row-major order of the patch grid).
+    2. ``combine``: the N shortened sequences one after the other, ``N * L/N = L`` tokens,
+       plus a learned embedding per slot (``slot_embed``, ``(1, L, d)``).
+
+    The slot embedding is this course's addition: the paper does not say how the backbone
+    tells the N images apart after concatenation. Self-attention treats its input as a set,
+    so without it the backbone's CLS state would be the same function of the N images
+    whatever their order, and no demultiplexer could say which image is the i-th. (The
+    images' own position embeddings, added before the patchifier, tell where a token was
+    in its image, not which image it came from.) ViT handles the same problem for patches
+    with a learned position embedding; this is one more, over the concatenated sequence.
+    It starts at ``slot_init_std`` = 0.5, not ViT's 0.02: from 0.02 the slots start almost
+    alike, and in notebook 04's runs training settled where every slot predicts the classes
+    of the whole tuple (about half right at N = 2); at 0.5 it did not.
+
+    L must be a multiple of N: the convolution would otherwise drop the last L mod N tokens
+    of every image, so such a length is refused rather than silently cut or padded.
+    Images have no padding: ``mask`` must be None.
+    """
+
+    separable = False  # the mixture is a concatenation, not a sum of per-instance terms
+
+    def __init__(self, n: int, d: int, length: int, seed: int = 0, slot_init_std: float = 0.5):
+        super().__init__(n, d, seed)
+        self.length = check_n(length, name="length (tokens per image)")
+        if self.length % self.n:
+            raise ValueError(
+                f"the C-Multiplexer shortens each image's {self.length} tokens to L/N with a convolution of "
+                f"kernel = stride = N={self.n}, so the token count must be a multiple of N; {self.length} is not. "
+                "It refuses rather than drop or pad tokens: choose an image size, patch size and N with "
+                "(image_size / patch_size)^2 divisible by N")
+        self.conv = nn.Conv1d(self.d, self.d, kernel_size=self.n, stride=self.n)
+        self.slot_embed = nn.Parameter(torch.zeros(1, self.length, self.d))
+        if not slot_init_std >= 0:
+            raise ValueError(f"slot_init_std must be >= 0, got {slot_init_std!r}")
+        self.slot_init_std = float(slot_init_std)
+        nn.init.normal_(self.slot_embed, std=self.slot_init_std)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"slot_embed"}
+
+    def check_input(self, x: Tensor, mask: Tensor | None = None) -> None:
+        super().check_input(x, mask)
+        if x.dim() != 4 or x.shape[2] != self.length:
+            raise ValueError(f"ConcatMultiplexer expects (B, N={self.n}, L={self.length}, d={self.d}) tokens, "
+                             f"got shape {tuple(x.shape)}")
+        if mask is not None:
+            raise ValueError("ConcatMultiplexer concatenates image tokens, which have no padding: pass mask=None")
+
+    def transform(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        b, n, length, d = x.shape
+        short = self.conv(x.reshape(b * n, length, d).transpose(1, 2))  # (B*N, d, L/N)
+        return short.transpose(1, 2).reshape(b, n, length // n, d)
+
+    def combine(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
+        b, n, short, d = z.shape
+        return z.reshape(b, n * short, d) + self.slot_embed.to(z.dtype)  # image 1's tokens, then image 2's, ...
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, d={self.d}, length={self.length}"
+
+
+def tuple_mixup(x: Tensor, alpha: float) -> Tensor:
+    """Mix the N instances of each tuple with each other: ``(B, N, ...) -> (B, N, ...)``.
+
+    Slot i becomes ``alpha * x_i + (1 - alpha) / (N - 1) * sum_{n != i} x_n`` (ConcatPlexer,
+    eq. 5): applied to the patchifier's tokens it gives the augmented input, applied to
+    one-hot labels the matching soft labels. Needs N >= 2 and ``0 <= alpha <= 1``
+    (``alpha = 1`` changes nothing, ``alpha = 1/N`` gives every slot the same mean).
+    """
+    if x.dim() < 2:
+        raise ValueError(f"tuple_mixup expects grouped tensors (B, N, ...), got shape {tuple(x.shape)}")
+    n = x.shape[1]
+    if n < 2:
+        raise ValueError(f"tuple_mixup mixes the instances of a tuple with each other: it needs N >= 2, got N={n}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise ValueError(f"alpha (the weight an instance keeps of itself) must be a number in [0, 1], got {alpha!r}")
+    off = (1 - alpha) / (n - 1)
+    weights = torch.full((n, n), off, dtype=x.dtype, device=x.device)
+    weights.fill_diagonal_(alpha)
+    return torch.einsum("in,bn...->bi...", weights, x)
+
+
 MULTIPLEXERS: dict[str, type[Multiplexer]] = {
     "orthogonal": OrthogonalMultiplexer,
     "gaussian_hadamard": GaussianHadamardMultiplexer,
     "binary_hadamard": BinaryHadamardMultiplexer,
     "contextual": ContextualMultiplexer,
+    "mlp_orthogonal": MLPOrthogonalMultiplexer,
 }
 
 
 def make_multiplexer(kind: str, n: int, d: int, seed: int = 0, **options) -> Multiplexer:
     """Build a multiplexer by name: one of ``MULTIPLEXERS`` (orthogonal, gaussian_hadamard,
-    binary_hadamard, contextual). ``options`` go to the contextual multiplexer's layers
-    (``num_heads``, ``intermediate_size``, ``dropout``); the fixed ones take none."""
+    binary_hadamard, contextual, mlp_orthogonal). ``options`` go to the contextual multiplexer's
+    layers (``num_heads``, ``intermediate_size``, ``dropout``); the others take none.
+    (:class:`ConcatMultiplexer` is built by ConcatPlexer with its token count, not by name.)"""
     if kind not in MULTIPLEXERS:
         raise ValueError(f"unknown multiplexer {kind!r}; expected one of {sorted(MULTIPLEXERS)}")
     if kind != "contextual":

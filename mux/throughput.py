@@ -75,7 +75,7 @@ def _timer_class():
         log.setLevel(level)
     return Timer
 
-__all__ = ["measure_throughput", "throughput_ratios", "trial_order", "flops_per_instance"]
+__all__ = ["measure_throughput", "throughput_ratios", "trial_order", "flops_per_instance", "count_macs"]
 
 
 def trial_order(names: list[str], trials: int, seed: int = 0) -> list[list[str]]:
@@ -240,3 +240,47 @@ def flops_per_instance(model: nn.Module, n: int, example: Tensor, parts: tuple[s
         model(x)
     per_module, prefix = counter.get_flop_counts(), type(model).__name__
     return {part: sum(per_module.get(f"{prefix}.{part}", {}).values()) / (tuples * n) for part in parts}
+
+
+def _norm_macs(input_shape, *args, out_shape=None, **kwargs) -> int:
+    """fvcore's count for a LayerNorm: 5 operations per element with an affine (scale, shift),
+    4 without; doubled here because :func:`count_macs` halves the counter's total."""
+    weight_shape = args[1] if len(args) > 1 else kwargs.get("weight")
+    return 2 * math.prod(input_shape) * (5 if weight_shape is not None else 4)
+
+
+def _cpu_attention_macs(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """The CPU's fused attention kernel, counted as torch counts the GPU's (2 per multiply-add)."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def count_macs(model: nn.Module, *inputs, norms: bool = True, **kwargs) -> dict:
+    """Multiply-adds of one forward call ``model(*inputs, **kwargs)``, in the convention of fvcore.
+
+    ``torch.utils.flop_counter.FlopCounterMode`` counts 2 operations per multiply-add of every
+    matrix product, convolution and attention product (``scaled_dot_product_attention``
+    included); halved, that is fvcore's count, the one papers such as ConcatPlexer report as
+    "GFLOPs". fvcore also counts a LayerNorm as 5 operations per element (4 without affine
+    parameters); ``norms=True`` adds those. Element-wise operations (GELU, softmax, additions)
+    count zero in both.
+
+    Works on the meta device (no memory, no arithmetic): build the model under
+    ``torch.device("meta")`` to count a ViT-B without allocating it. Returns ``{"total":
+    MACs, "by_module": {module path: MACs}}``, the paths relative to ``model`` ("" is the whole).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    custom = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_macs}  # torch counts it 0
+    if norms:
+        custom[torch.ops.aten.native_layer_norm] = _norm_macs
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=custom) as counter:
+        model(*inputs, **kwargs)
+    prefix = type(model).__name__
+    by_module = {}
+    for path, counts in counter.get_flop_counts().items():
+        name = "" if path in ("Global", prefix) else path.removeprefix(prefix + ".")
+        if path != "Global" or prefix == "Global":
+            by_module[name] = sum(counts.values()) / 2
+    return {"total": by_module.get("", counter.get_total_flops() / 2), "by_module": by_module}

@@ -1,0 +1,204 @@
+"""Vision Transformers from ``timm``, and the vanilla ViT classifier (the N = 1 baseline of chapter 04).
+
+Every vision model of the course holds one ``timm`` ``VisionTransformer`` (patch embedding,
+position embedding, CLS token, blocks, final LayerNorm), built by :func:`build_vit` from a
+:class:`VisionConfig`, and uses its parts in its own order:
+
+- :class:`ViTClassifier` (here): the plain ViT, one image per pass, classified from CLS.
+- ``ImageMultiplexerModel`` (``image_multiplexer.py``): DataMUX on patch tokens.
+- ``ConcatPlexerModel`` (``concatplexer.py``): the first blocks per image, the rest shared.
+
+Small models for the CPU come from explicit sizes (``embed_dim``, ``depth``, ...); at full
+scale ``VisionConfig.from_timm("vit_base_patch16_224", pretrained=True, ...)`` takes the
+sizes of a ``timm`` model by name, and :func:`build_vit` then builds that model with
+``timm.create_model`` (downloading its weights from the Hugging Face Hub when
+``pretrained=True``).
+
+Models save to a folder (``config.json`` + ``model.safetensors``) with :func:`save_vision_model`;
+:func:`load_vision_model` refuses a folder written by another class or configuration.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..grouping import check_n
+
+__all__ = ["VisionConfig", "build_vit", "ViTClassifier", "save_vision_model", "load_vision_model", "images_of"]
+
+_FORMAT = "mux-vision"
+
+
+@dataclass
+class VisionConfig:
+    """The ViT shared by every vision model of the course; saved with every checkpoint."""
+
+    num_classes: int = 10
+    image_size: int = 8  # pixels, square images
+    patch_size: int = 2  # pixels per patch side: (image_size / patch_size)^2 tokens per image
+    in_chans: int = 1
+    embed_dim: int = 64  # d
+    depth: int = 4  # Transformer blocks in all
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.0
+    timm_name: str | None = None  # a timm model name (e.g. "vit_base_patch16_224"); None: the sizes above
+    pretrained: bool = False  # with timm_name: start from timm's pretrained weights (downloads them)
+
+    def __post_init__(self):
+        for name in ("num_classes", "image_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
+            check_n(getattr(self, name), name=name)
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}: "
+                             "a ViT cuts the image into whole patches; choose sizes such that "
+                             "image_size % patch_size == 0 (or resize the images)")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} must be a multiple of num_heads {self.num_heads}")
+        if not self.mlp_ratio > 0 or not 0 <= self.drop_path_rate < 1:
+            raise ValueError(f"need mlp_ratio > 0 and 0 <= drop_path_rate < 1, got {self.mlp_ratio}, "
+                             f"{self.drop_path_rate}")
+        if self.pretrained and not self.timm_name:
+            raise ValueError("pretrained=True needs timm_name, the timm model whose weights to load")
+
+    @property
+    def num_patches(self) -> int:
+        """L: tokens per image (without CLS)."""
+        return (self.image_size // self.patch_size) ** 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_timm(cls, timm_name: str, **fields):
+        """A configuration with the sizes of ``timm``'s model ``timm_name`` (patch size, width,
+        depth, heads, MLP ratio, image size unless given): the model is built on the meta
+        device, so nothing is allocated or downloaded here."""
+        import timm
+
+        with torch.device("meta"):
+            vit = timm.create_model(timm_name, pretrained=False, num_classes=0)
+        sizes = {"patch_size": vit.patch_embed.patch_size[0], "embed_dim": vit.embed_dim,
+                 "depth": len(vit.blocks), "num_heads": vit.blocks[0].attn.num_heads,
+                 "mlp_ratio": vit.blocks[0].mlp.fc1.out_features / vit.embed_dim,
+                 "image_size": vit.patch_embed.img_size[0]}
+        return cls(**{**sizes, **fields, "timm_name": timm_name})
+
+
+def build_vit(config: VisionConfig, load_pretrained: bool = True) -> nn.Module:
+    """The ``timm`` ``VisionTransformer`` of ``config``, without a classifier head (``num_classes=0``),
+    with a CLS token and a learned position embedding for CLS + L patches. ``load_pretrained=False``
+    skips the download of ``config.pretrained`` weights (a saved model brings its own)."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    common = dict(img_size=config.image_size, in_chans=config.in_chans, num_classes=0,
+                  drop_path_rate=config.drop_path_rate)
+    if config.timm_name:
+        vit = timm.create_model(config.timm_name, pretrained=config.pretrained and load_pretrained, **common)
+        built = (vit.patch_embed.patch_size[0], vit.embed_dim, len(vit.blocks), vit.blocks[0].attn.num_heads)
+        wanted = (config.patch_size, config.embed_dim, config.depth, config.num_heads)
+        if built != wanted:
+            raise ValueError(f"timm's {config.timm_name} has (patch_size, embed_dim, depth, num_heads) = {built}, "
+                             f"this configuration says {wanted}: build it with VisionConfig.from_timm")
+    else:
+        vit = VisionTransformer(patch_size=config.patch_size, embed_dim=config.embed_dim, depth=config.depth,
+                                num_heads=config.num_heads, mlp_ratio=config.mlp_ratio, class_token=True,
+                                global_pool="token", **common)
+    if vit.cls_token is None or vit.pos_embed is None or vit.num_prefix_tokens != 1 or vit.no_embed_class:
+        raise ValueError(f"{config.timm_name}: the course's vision models need a ViT with one CLS token and a "
+                         "learned position embedding that covers it (timm's vit_* models)")
+    return vit
+
+
+def images_of(x: Tensor, n: int, in_shape: tuple[int, int, int]) -> Tensor:
+    """Check a grouped image batch ``(B, N, C, H, W)`` and return it flattened to ``(B * N, C, H, W)``."""
+    if x.dim() != 5 or x.shape[1] != n or tuple(x.shape[2:]) != tuple(in_shape):
+        raise ValueError(f"expected images (B, N={n}, C, H, W) = (B, {n}, {', '.join(map(str, in_shape))}), "
+                         f"got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"expected floating-point pixels, got {x.dtype}")
+    return x.reshape(-1, *x.shape[2:])
+
+
+class ViTClassifier(nn.Module):
+    """The vanilla ViT: one image per pass, ``head(norm(blocks(CLS + patches))[CLS])``.
+
+    Takes and returns the shapes of the multiplexed models with N = 1, ``(B, 1, C, H, W) ->
+    (B, 1, num_classes)``, so ``mux.train`` and ``mux.evaluate`` run it with n=1.
+    :meth:`features` gives the final CLS state (B, d), what a teacher provides.
+    """
+
+    n_mux = 1
+    config_class = VisionConfig
+
+    def __init__(self, config: VisionConfig | None = None, load_pretrained: bool = True, **kwargs):
+        super().__init__()
+        self.config = config if config is not None else VisionConfig(**kwargs)
+        self.vit = build_vit(self.config, load_pretrained)
+        self.head = nn.Linear(self.config.embed_dim, self.config.num_classes)
+
+    @property
+    def in_shape(self) -> tuple[int, int, int]:
+        c = self.config
+        return (c.in_chans, c.image_size, c.image_size)
+
+    @classmethod
+    def empty(cls, config: VisionConfig) -> "ViTClassifier":
+        """A model of ``config`` to load saved weights into (downloads nothing)."""
+        return cls(config, load_pretrained=False)
+
+    def features(self, images: Tensor) -> Tensor:
+        """``(B, C, H, W)`` images -> their final CLS states ``(B, d)``."""
+        return self.vit.forward_features(images)[:, 0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        images = images_of(x, 1, self.in_shape)
+        return self.head(self.features(images)).view(x.shape[0], 1, -1)
+
+
+def save_vision_model(model: nn.Module, folder) -> Path:
+    """Write ``model`` to ``folder``: ``config.json`` (class and configuration) and ``model.safetensors``
+    (weights and buffers: fixed transforms, codebooks)."""
+    from safetensors.torch import save_model
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(folder / "model.safetensors"))
+    meta = {"format": _FORMAT, "class": type(model).__name__, "config": model.config.to_dict()}
+    (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return folder
+
+
+def load_vision_model(cls, folder, expect: VisionConfig | None = None):
+    """The ``cls`` model that :func:`save_vision_model` wrote to ``folder``.
+
+    Refuses a folder written by another class and, when ``expect`` is given, one whose
+    configuration differs from it, naming each field that differs.
+    """
+    from safetensors.torch import load_model
+
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: expected a folder written by save_vision_model "
+                                "(config.json and model.safetensors)")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != _FORMAT or meta.get("class") != cls.__name__:
+        raise ValueError(f"{folder} holds a {meta.get('class')!r} ({meta.get('format')!r}), not a {cls.__name__}")
+    if expect is not None and type(expect) is not cls.config_class:
+        raise ValueError(f"expect must be a {cls.config_class.__name__} (the configuration of a {cls.__name__}), "
+                         f"got a {type(expect).__name__}")
+    names = {f.name for f in fields(cls.config_class)}
+    config = cls.config_class(**{k: tuple(v) if isinstance(v, list) else v
+                                 for k, v in meta["config"].items() if k in names})
+    if expect is not None and config != expect:
+        diff = [f"{f.name} ({getattr(config, f.name)!r} there, {getattr(expect, f.name)!r} here)"
+                for f in fields(expect) if getattr(config, f.name) != getattr(expect, f.name)]
+        raise ValueError(f"{folder} holds a {cls.__name__} of another configuration: {', '.join(diff)}")
+    model = cls.empty(config)
+    load_model(model, str(Path(folder) / "model.safetensors"))
+    return model
+
