@@ -52,9 +52,10 @@ the mean over N. Chapter 04 (vision) adds two:
 - the Image Multiplexer's :class:`MLPOrthogonalMultiplexer`: ``transform`` = a shallow MLP
   of the instance's own, then its fixed orthogonal Q_i; ``combine`` = the mean over N.
 - ConcatPlexer's C-Multiplexer (:class:`ConcatMultiplexer`): ``transform`` = a 1-D
-  convolution (kernel = stride = N) shortening each image's L tokens to L/N; ``combine`` =
-  concatenation of the N shortened sequences into one of L tokens, ``(B, L, d)``, plus a
-  learned embedding of each of the L slots. It mixes nothing: it makes room.
+  convolution (kernel = stride = N) shortening each image's L tokens to L/N, times the
+  slot's fixed Gaussian vector; ``combine`` = concatenation of the N shortened sequences
+  into one of L tokens, ``(B, L, d)``, plus a learned position embedding. It adds nothing
+  up: it makes room.
 
 :func:`tuple_mixup` mixes the N instances of a tuple with each other (ConcatPlexer's
 mixed-label smoothing, eq. 5); the same weights mix their one-hot labels.
@@ -386,7 +387,7 @@ class MLPOrthogonalMultiplexer(OrthogonalMultiplexer):
         return super()._transform_block(h.reshape(x.shape), start)  # Q_i
 
 
-class ConcatMultiplexer(Multiplexer):
+class ConcatMultiplexer(GaussianHadamardMultiplexer):
     """ConcatPlexer's C-Multiplexer (section 3.2, Fig. 2b): shorten, then concatenate.
 
     ``(B, N, L, d)`` token sequences (one per image) -> ``(B, L, d)``:
@@ -394,20 +395,25 @@ class ConcatMultiplexer(Multiplexer):
     1. ``transform``, per image: a 1-D convolution over the token axis with kernel = stride
        = N and d output channels (shared by the N slots), ``L -> L/N`` tokens: each output
        token is a learned function of N neighbouring input tokens (neighbours in the
-       row-major order of the patch grid).
+       row-major order of the patch grid); then the Hadamard product with slot i's fixed
+       Gaussian vector v_i (the buffer ``weight`` of :class:`GaussianHadamardMultiplexer`,
+       same seed, same numbers).
     2. ``combine``: the N shortened sequences one after the other, ``N * L/N = L`` tokens,
-       plus a learned embedding per slot (``slot_embed``, ``(1, L, d)``).
+       plus a learned position embedding over the L positions (``pos_embed``, ``(1, L, d)``,
+       initialised as ViT's, std 0.02).
 
-    The slot embedding is this course's addition: the paper does not say how the backbone
-    tells the N images apart after concatenation. Self-attention treats its input as a set,
-    so without it the backbone's CLS state would be the same function of the N images
-    whatever their order, and no demultiplexer could say which image is the i-th. (The
-    images' own position embeddings, added before the patchifier, tell where a token was
-    in its image, not which image it came from.) ViT handles the same problem for patches
-    with a learned position embedding; this is one more, over the concatenated sequence.
-    It starts at ``slot_init_std`` = 0.5, not ViT's 0.02: from 0.02 the slots start almost
-    alike, and in notebook 04's runs training settled where every slot predicts the classes
-    of the whole tuple (about half right at N = 2); at 0.5 it did not.
+    The slot code v_i and the position embedding are this course's additions: the paper
+    does not say how the backbone tells the N images apart after concatenation.
+    Self-attention treats its input as a set, so with neither the backbone's CLS state would
+    be the same function of the N images whatever their order, and no demultiplexer could say
+    which image is the i-th. (The images' own position embeddings, added before the
+    patchifier, tell where a token was in its image, not which image it came from.) A learned
+    position embedding alone (ViT's answer for patches) does tell the slots apart, but only
+    through the attention weights, which start uniform: the CLS state starts as a mean over
+    tokens, the same for any order of the images, and in notebook 04's runs at N = 4 training
+    sat at chance for most of its steps (a plateau at loss log 10). The fixed v_i, as in
+    DataMUX, makes that mean ``sum_i v_i * (mean of image i's tokens)``, from which the
+    demultiplexers can read image i from the first step; with it the plateau was gone.
 
     L must be a multiple of N: the convolution would otherwise drop the last L mod N tokens
     of every image, so such a length is refused rather than silently cut or padded.
@@ -416,7 +422,7 @@ class ConcatMultiplexer(Multiplexer):
 
     separable = False  # the mixture is a concatenation, not a sum of per-instance terms
 
-    def __init__(self, n: int, d: int, length: int, seed: int = 0, slot_init_std: float = 0.5):
+    def __init__(self, n: int, d: int, length: int, seed: int = 0):
         super().__init__(n, d, seed)
         self.length = check_n(length, name="length (tokens per image)")
         if self.length % self.n:
@@ -426,14 +432,11 @@ class ConcatMultiplexer(Multiplexer):
                 "It refuses rather than drop or pad tokens: choose an image size, patch size and N with "
                 "(image_size / patch_size)^2 divisible by N")
         self.conv = nn.Conv1d(self.d, self.d, kernel_size=self.n, stride=self.n)
-        self.slot_embed = nn.Parameter(torch.zeros(1, self.length, self.d))
-        if not slot_init_std >= 0:
-            raise ValueError(f"slot_init_std must be >= 0, got {slot_init_std!r}")
-        self.slot_init_std = float(slot_init_std)
-        nn.init.normal_(self.slot_embed, std=self.slot_init_std)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.length, self.d))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)  # as ViT's position embedding
 
     def no_weight_decay(self) -> set[str]:
-        return {"slot_embed"}
+        return {"pos_embed"}
 
     def check_input(self, x: Tensor, mask: Tensor | None = None) -> None:
         super().check_input(x, mask)
@@ -446,14 +449,14 @@ class ConcatMultiplexer(Multiplexer):
     def transform(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         b, n, length, d = x.shape
         short = self.conv(x.reshape(b * n, length, d).transpose(1, 2))  # (B*N, d, L/N)
-        return short.transpose(1, 2).reshape(b, n, length // n, d)
+        return self._transform_block(short.transpose(1, 2).reshape(b, n, length // n, d), 0)  # * v_i
 
     def combine(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
         b, n, short, d = z.shape
-        return z.reshape(b, n * short, d) + self.slot_embed.to(z.dtype)  # image 1's tokens, then image 2's, ...
+        return z.reshape(b, n * short, d) + self.pos_embed.to(z.dtype)  # image 1's tokens, then image 2's, ...
 
     def extra_repr(self) -> str:
-        return f"n={self.n}, d={self.d}, length={self.length}"
+        return f"n={self.n}, d={self.d}, length={self.length}, seed={self.seed}"
 
 
 def tuple_mixup(x: Tensor, alpha: float) -> Tensor:

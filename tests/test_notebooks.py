@@ -17,6 +17,7 @@ NOTEBOOKS = course_notebooks(ROOT / "notebooks")
 DATAMUX = ROOT / "notebooks" / "01_datamux.ipynb"
 TMUX = ROOT / "notebooks" / "02_tmux.ipynb"
 PLMS = ROOT / "notebooks" / "03_mux_plms.ipynb"
+VISION = ROOT / "notebooks" / "04_vision_mux.ipynb"
 
 # A few seconds of training: the code paths of a full-scale run, not its accuracy.
 TINY = dict(n_values=[1, 3], multiplexers=["orthogonal", "binary_hadamard"], compare_n=3, seeds=[0, 1], width=8,
@@ -42,8 +43,8 @@ def run(notebook, tmp_path, **parameters):
 
 
 def test_there_are_course_notebooks():
-    assert [p.name for p in NOTEBOOKS][:4] == ["00_start_here.ipynb", "01_datamux.ipynb", "02_tmux.ipynb",
-                                               "03_mux_plms.ipynb"]
+    assert [p.name for p in NOTEBOOKS][:5] == ["00_start_here.ipynb", "01_datamux.ipynb", "02_tmux.ipynb",
+                                               "03_mux_plms.ipynb", "04_vision_mux.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -315,4 +316,70 @@ def test_mux_plms_default_run_meets_the_chapter_targets(tmp_path):
 def test_mux_plms_bad_parameters_stop_with_a_clear_message(tmp_path, bad, message):
     with pytest.raises(pm.PapermillExecutionError) as err:
         run(PLMS, tmp_path, **dict(PLMS_TINY, out_dir=str(tmp_path), **bad))
+    assert message in str(err.value)
+
+
+# A few steps for chapter 04 on an ImageNet-style folder of 16 x 16 colour images that the test writes,
+# with a CLIP teacher saved from a tiny random CLIPVisionModelWithProjection: the full-scale data and
+# teacher paths, every comparison and resume, not accuracy (check_claims=False: the claims are the default run's).
+VISION_TINY = dict(dataset="imagefolder", image_size=16, patch_size=4, embed_dim=16, depth=3, num_heads=2, mux_n=[2, 4],
+                   compare_n=2, concat_point=1, concat_points=[0, 2], num_codes=8, codebook_images=20, steps=3,
+                   batch_size=8, seeds=[0, 1], throughput_trials=1, device="cpu", check_claims=False)
+
+
+def write_image_folder(root, per_class=(6, 3)):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in zip(("train", "val"), per_class):
+        for c, colour in enumerate(((200, 40, 40), (40, 40, 200), (40, 200, 40))):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(rng.normal(colour, 30, size=(20, 20, 3)), 0, 255).astype("uint8")
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def write_clip_teacher(folder):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=16, patch_size=8, projection_dim=12)
+    CLIPVisionModelWithProjection(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.notebook
+def test_vision_runs_on_an_image_folder_with_a_clip_teacher_and_resumes(tmp_path):
+    params = dict(VISION_TINY, data_dir=str(write_image_folder(tmp_path / "images")),
+                  teacher=str(write_clip_teacher(tmp_path / "clip")), out_dir=str(tmp_path / "m1"),
+                  checkpoint_dir=str(tmp_path / "ckpt"))
+    run(VISION, tmp_path, **params)
+    first = json.loads((tmp_path / "m1" / "04_vision_mux.json").read_text())
+    headline = first["headline"]
+    for key in ("vit_acc_n1", "image_multiplexer_acc_n2", "image_multiplexer_acc_n4", "concatplexer_acc_n2",
+                "concatplexer_acc_n4", "concatplexer_k0_acc_n2", "concatplexer_k2_acc_n2",
+                "concatplexer_clip_smoothing_acc_n2", "image_multiplexer_retrieval_acc_n4",
+                "throughput_ratio_concatplexer_n4", "gflops_vit_b16", "gflops_concatplexer_3"):
+        assert key in headline, (key, sorted(headline))
+    assert first["test_images"] == 9 and set(first["accuracy"]) >= {"vit_n1_s1", "im_n2_s1", "cp_n2_k1_s1"}
+    assert (tmp_path / "ckpt" / "cp_recipe_n2_s0" / "checkpoint-00000003").is_dir()
+    # the same command again resumes every model from its final checkpoint: the same accuracies
+    run(VISION, tmp_path, **dict(params, out_dir=str(tmp_path / "m2")))
+    second = json.loads((tmp_path / "m2" / "04_vision_mux.json").read_text())
+    assert second["accuracy"] == first["accuracy"]
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("bad, message", [
+    (dict(concat_points=[0, 5]), "concat point 5 is outside the model: k must lie in 0 .. depth - 1 = 2"),
+    (dict(mux_n=[3]), "16 tokens per image are not a multiple of N=3"),
+    (dict(patch_size=3), "digits images are 8 pixels wide, not a multiple of patch_size 3"),
+])
+def test_vision_bad_parameters_stop_with_a_clear_message(tmp_path, bad, message):
+    params = dict(VISION_TINY, dataset="digits", patch_size=2, out_dir=str(tmp_path))
+    with pytest.raises(pm.PapermillExecutionError) as err:
+        run(VISION, tmp_path, **dict(params, **bad))
     assert message in str(err.value)

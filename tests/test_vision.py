@@ -128,7 +128,7 @@ def test_concat_multiplexer_token_counts(n, length):
     x = torch.randn(2, n, length, d)
     assert m.transform(x).shape == (2, n, length // n, d)  # L -> L/N per image
     assert m(x).shape == (2, length, d)  # N * L/N = L after the concatenation
-    assert m.slot_embed.shape == (1, length, d)
+    assert m.pos_embed.shape == (1, length, d) and m.weight.shape == (n, d)  # positions, fixed slot codes
 
 
 def test_concat_multiplexer_equals_conv1d_per_image_then_concatenation():
@@ -136,15 +136,17 @@ def test_concat_multiplexer_equals_conv1d_per_image_then_concatenation():
     m = mux.ConcatMultiplexer(n, d, length)
     x = torch.randn(3, n, length, d)
     w, b = m.conv.weight, m.conv.bias  # (d_out, d_in, N), (d_out,)
-    per_image = [F.conv1d(x[:, i].transpose(1, 2), w, b, stride=n).transpose(1, 2) for i in range(n)]
-    expected = torch.cat(per_image, dim=1) + m.slot_embed
+    v = mux.GaussianHadamardMultiplexer(n, d, seed=0).weight  # the same fixed codes for the same seed
+    assert_close(m.weight, v)
+    per_image = [F.conv1d(x[:, i].transpose(1, 2), w, b, stride=n).transpose(1, 2) * v[i] for i in range(n)]
+    expected = torch.cat(per_image, dim=1) + m.pos_embed
     with torch.no_grad():
         out = m(x)
         assert_close(out, expected)
         # one token written out: image 1's token j = 2 reads its input tokens 4 and 5
         j = 2
-        token = sum(w[:, :, t] @ x[0, 1, j * n + t] for t in range(n)) + b
-        assert_close(out[0, length // n + j], token + m.slot_embed[0, length // n + j])
+        token = (sum(w[:, :, t] @ x[0, 1, j * n + t] for t in range(n)) + b) * v[1]
+        assert_close(out[0, length // n + j], token + m.pos_embed[0, length // n + j])
 
 
 def test_concat_multiplexer_refusals():
@@ -348,16 +350,21 @@ def test_concatplexer_tells_the_slots_apart():
     x = images(3, 2, 1, 8, 8)
     swapped = x[:, [1, 0]]
     with torch.no_grad():
-        # without the slot embedding, self-attention sees the two images as a set: swapping them
-        # changes nothing at all, and no demultiplexer could say which image is the first
-        model.multiplexer.slot_embed.zero_()
+        # without slot codes and position embedding, self-attention sees the two images as a set:
+        # swapping them changes nothing at all, and no demultiplexer could say which image is the first
+        codes, positions = model.multiplexer.weight.clone(), model.multiplexer.pos_embed.clone()
+        model.multiplexer.weight.fill_(1.0)
+        model.multiplexer.pos_embed.zero_()
         assert_close(model(swapped), model(x), rtol=1e-4, atol=1e-5)
         # the two demultiplexers give two different outputs from one CLS state (same image twice)
         same = model(x[:, [0, 0]])
         assert (same[:, 0] - same[:, 1]).abs().max() > 1e-2
-        # with a slot embedding (here a large one), the order of the images reaches CLS; an untrained
-        # model is not equivariant (logits of the swapped tuple are not the original's swapped)
-        model.multiplexer.slot_embed.normal_(generator=torch.Generator().manual_seed(0))
+        # each alone lets the order of the images reach CLS (an untrained model is not equivariant:
+        # the logits of the swapped tuple are not the original's swapped)
+        model.multiplexer.weight.copy_(codes)
+        assert (model(swapped) - model(x)).abs().max() > 1e-3
+        model.multiplexer.weight.fill_(1.0)
+        model.multiplexer.pos_embed.copy_(positions).mul_(25)  # std 0.5: large enough to see at init
         assert (model(swapped) - model(x)).abs().max() > 1e-3
 
 
@@ -475,7 +482,7 @@ def test_concatplexer_loss_terms_and_total(vit_teacher):
         smooth_logits = model.head(model.demultiplexed_cls(mixed)).reshape(6, CLASSES)[:5]
     assert_close(terms["smooth"], F.cross_entropy(smooth_logits, soft))
     terms["loss"].backward()
-    assert model.feature_head.weight.grad is not None and model.multiplexer.slot_embed.grad is not None
+    assert model.feature_head.weight.grad is not None and model.multiplexer.pos_embed.grad is not None
     only_smooth = mux.ConcatPlexerLoss(smoothing_weight=1.0)(model, (x, y), 2)
     assert set(only_smooth) == {"loss", "ce", "acc", "smooth"}
 
@@ -670,3 +677,19 @@ def test_count_macs_of_a_tiny_concatplexer_by_hand():
     assert counted["by_module"]["multiplexer"] == n * (L // n) * d * d * n
     assert counted["by_module"]["demultiplexer"] == n * d * d + 4 * n * d
     assert TABLE1 == {1: (2, 1), 2: (2, 3), 3: (2, 6), 4: (4, 1)}
+
+
+def test_a_timm_model_by_name_gives_its_sizes_and_builds_offline():
+    """VisionConfig.from_timm reads timm's sizes on the meta device; build_vit then creates that model
+    (pretrained=False: nothing is downloaded) at another image size and class count."""
+    config = mux.VisionConfig.from_timm("vit_tiny_patch16_224", image_size=32, in_chans=3, num_classes=3)
+    assert (config.patch_size, config.embed_dim, config.depth, config.num_heads) == (16, 192, 12, 3)
+    model = mux.ViTClassifier(config)
+    assert model(torch.rand(2, 1, 3, 32, 32)).shape == (2, 1, 3)
+    cp = mux.ConcatPlexerModel(mux.ConcatPlexerConfig(**config.to_dict(), n_mux=2, concat_point=6))
+    assert cp(torch.rand(1, 2, 3, 32, 32)).shape == (1, 2, 3)
+    wrong = mux.VisionConfig(**{**config.to_dict(), "depth": 4})
+    with pytest.raises(ValueError, match="build it with VisionConfig.from_timm"):
+        mux.ViTClassifier(wrong)
+    with pytest.raises(ValueError, match="pretrained=True needs timm_name"):
+        mux.VisionConfig(pretrained=True)

@@ -1,18 +1,17 @@
-"""scripts/vision_flops.py: multiply-adds per image against the ConcatPlexer paper's Table 3, and the
-wiring of ``--speed`` on a tiny configuration (the machine's speed is never asserted)."""
-import importlib.util
+"""mux.vision_flops (and scripts/vision_flops.py): multiply-adds per image against the ConcatPlexer paper's
+Table 3, and the wiring of ``--speed`` on a tiny configuration (the machine's speed is never asserted)."""
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import mux
+from mux import vision_flops
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("vision_flops", ROOT / "scripts" / "vision_flops.py")
-vision_flops = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(vision_flops)
 
 ROWS = ["vit_b16", "concatplexer_1", "concatplexer_2", "concatplexer_3", "concatplexer_4",
         "image_multiplexer_n2", "image_multiplexer_n4"]
@@ -74,3 +73,11 @@ def test_speed_is_wired_on_a_tiny_configuration(tmp_path, monkeypatch):
 def test_build_refuses_an_unknown_model():
     with pytest.raises(ValueError, match="unknown model 'resnet50'"):
         vision_flops.build("resnet50", tiny_base(16, 10))
+
+
+def test_the_script_runs_the_module(tmp_path):
+    path = tmp_path / "flops.json"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "vision_flops.py"), "--json", str(path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "ConcatPlexer(3)" in done.stdout and json.loads(path.read_text())["concatplexer_3"] > 0

@@ -3,7 +3,8 @@
     N images -> TrE patchifier, per image: patch embedding + position embedding + the
                 first k ViT blocks (k = the "concat point")          (B*N, L, d)
              -> C-Multiplexer: conv1d (kernel = stride = N), L -> L/N tokens per image,
-                the N images concatenated into L tokens, + slot embedding   (B, L, d)
+                times a fixed code per slot, the N images concatenated into L tokens,
+                + position embedding                                  (B, L, d)
              -> CLS + the remaining depth - k blocks (one pass for all N) + LayerNorm
              -> N MLP demultiplexers on CLS -> shared head -> N logits
                                             -> feature head -> N features (CLIP loss)
@@ -53,6 +54,7 @@ class ConcatPlexerConfig(VisionConfig):
     n_mux: int = 2  # N: images per forward pass
     concat_point: int = 1  # k: blocks run per image before the concatenation (0 = none: pixels patches)
     teacher_dim: int | None = None  # feature size of the CLIP loss's teacher; None: no feature head
+    mux_seed: int = 0  # seed of the C-Multiplexer's fixed slot codes
 
     def __post_init__(self):
         super().__post_init__()
@@ -80,7 +82,7 @@ class ConcatPlexerModel(nn.Module):
         c = self.config = config if config is not None else ConcatPlexerConfig(**kwargs)
         self.n_mux = c.n_mux
         self.vit = build_vit(c, load_pretrained)  # blocks[:k]: TrE patchifier; blocks[k:]: shared backbone
-        self.multiplexer = ConcatMultiplexer(c.n_mux, c.embed_dim, c.num_patches)
+        self.multiplexer = ConcatMultiplexer(c.n_mux, c.embed_dim, c.num_patches, c.mux_seed)
         self.demultiplexer = MLPDemultiplexer(c.n_mux, c.embed_dim)
         self.head = nn.Linear(c.embed_dim, c.num_classes)
         self.feature_head = nn.Linear(c.embed_dim, c.teacher_dim) if c.teacher_dim else None
