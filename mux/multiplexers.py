@@ -408,10 +408,11 @@ class ConcatMultiplexer(GaussianHadamardMultiplexer):
     be the same function of the N images whatever their order, and no demultiplexer could say
     which image is the i-th. (The images' own position embeddings, added before the
     patchifier, tell where a token was in its image, not which image it came from.) A learned
-    position embedding alone (ViT's answer for patches) does tell the slots apart, but only
-    through the attention weights, which start uniform: the CLS state starts as a mean over
-    tokens, the same for any order of the images, and in notebook 04's runs at N = 4 training
-    sat at chance for most of its steps (a plateau at loss log 10). The fixed v_i, as in
+    position embedding alone (ViT's answer for patches) does tell the slots apart, but
+    mainly through the attention weights, which start uniform, and only weakly at
+    initialisation (std 0.02): the CLS state starts close to a mean over tokens, nearly the
+    same for any order of the images, and in our runs at N = 4 training sat at chance for
+    most of its steps (a plateau at loss log 10; notebook 04, exercise 1). The fixed v_i, as in
     DataMUX, makes that mean ``sum_i v_i * (mean of image i's tokens)``, from which the
     demultiplexers can read image i from the first step; with it the plateau was gone.
 
