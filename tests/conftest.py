@@ -7,6 +7,17 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny models (``pytestmark = pytest.mark.usefixtures(...)``): on two
+    shared cores, two threads wait for each other at every operation (milliseconds each), far longer than
+    the operation itself."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_digits():
     """A small, fixed slice of the digits splits, for fast training tests."""

@@ -23,14 +23,7 @@ TINY = dict(num_classes=CLASSES, image_size=8, patch_size=2, in_chans=1, embed_d
 L = 16  # (8 / 2)^2 patches per image
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread for these tiny models: on two shared cores, two threads wait for each other at
-    every operation (milliseconds each), far longer than the operation itself."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see conftest.py
 
 
 def concat_config(n=2, k=1, **kw) -> mux.ConcatPlexerConfig:

@@ -18,14 +18,7 @@ ROWS = ["vit_b16", "concatplexer_1", "concatplexer_2", "concatplexer_3", "concat
 TABLE3 = {"concatplexer_1": 9.81, "concatplexer_2": 11.26, "concatplexer_3": 13.45, "concatplexer_4": 5.81}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread for these tiny models: on two shared cores, two threads wait for each other at
-    every operation (milliseconds each), far longer than the operation itself."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see conftest.py
 
 
 def test_gflops_per_image_match_table_3(tmp_path, capsys):

@@ -41,7 +41,7 @@ from torch.nn import functional as F
 from ..demultiplexers import MLPDemultiplexer
 from ..grouping import check_n
 from ..multiplexers import ConcatMultiplexer, tuple_mixup
-from .vit import VisionConfig, ViTClassifier, build_vit, images_of, load_vision_model, save_vision_model
+from .vit import SavedByFolder, VisionConfig, ViTClassifier, build_vit, images_of
 
 __all__ = ["ConcatPlexerConfig", "ConcatPlexerModel", "FeatureTeacher", "TABLE1"]
 
@@ -72,7 +72,7 @@ class ConcatPlexerConfig(VisionConfig):
             check_n(self.teacher_dim, name="teacher_dim")
 
 
-class ConcatPlexerModel(nn.Module):
+class ConcatPlexerModel(SavedByFolder, nn.Module):
     """ConcatPlexer; see the module docstring."""
 
     config_class = ConcatPlexerConfig
@@ -126,18 +126,6 @@ class ConcatPlexerModel(nn.Module):
         if smoothing_alpha is not None:
             out["smooth_logits"] = self.head(self.demultiplexed_cls(tuple_mixup(tokens, smoothing_alpha)))
         return out
-
-    @classmethod
-    def empty(cls, config: ConcatPlexerConfig) -> "ConcatPlexerModel":
-        """A model of ``config`` to load saved weights into (downloads nothing)."""
-        return cls(config, load_pretrained=False)
-
-    def save(self, folder):
-        return save_vision_model(self, folder)
-
-    @classmethod
-    def load(cls, folder, expect: ConcatPlexerConfig | None = None) -> "ConcatPlexerModel":
-        return load_vision_model(cls, folder, expect)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -36,7 +36,7 @@ from ..demultiplexers import MLPDemultiplexer
 from ..evaluate import IGNORE_INDEX
 from ..grouping import check_n
 from ..multiplexers import MLPOrthogonalMultiplexer
-from .vit import VisionConfig, build_vit, images_of, load_vision_model, save_vision_model
+from .vit import SavedByFolder, VisionConfig, build_vit, images_of
 
 __all__ = ["PatchCodebook", "ImageMultiplexerConfig", "ImageMultiplexerModel", "PATCHIFIERS"]
 
@@ -138,7 +138,7 @@ class ImageMultiplexerConfig(VisionConfig):
             raise ValueError("the discrete patchifier needs num_codes, the size of its codebook")
 
 
-class ImageMultiplexerModel(nn.Module):
+class ImageMultiplexerModel(SavedByFolder, nn.Module):
     """The Image Multiplexer; ``forward(x, return_retrieval=False)``.
 
     ``x``: images ``(B, N, C, H, W)``, or codes ``(B, N, L)`` (integers) for the discrete
@@ -226,13 +226,6 @@ class ImageMultiplexerModel(nn.Module):
             placeholder = PatchCodebook(torch.zeros(config.num_codes, config.in_chans * config.patch_size**2),
                                         config.patch_size, config.in_chans)
         return cls(config, tokenizer=placeholder, load_pretrained=False)
-
-    def save(self, folder):
-        return save_vision_model(self, folder)
-
-    @classmethod
-    def load(cls, folder, expect: ImageMultiplexerConfig | None = None) -> "ImageMultiplexerModel":
-        return load_vision_model(cls, folder, expect)
 
     def extra_repr(self) -> str:
         return f"n_mux={self.config.n_mux}, patchifier={self.config.patchifier}"

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from ..grouping import check_n
 
-__all__ = ["VisionConfig", "build_vit", "ViTClassifier", "save_vision_model", "load_vision_model", "images_of"]
+__all__ = ["VisionConfig", "build_vit", "ViTClassifier", "SavedByFolder", "save_vision_model", "load_vision_model",
+           "images_of"]
 
 _FORMAT = "mux-vision"
 
@@ -124,7 +125,26 @@ def images_of(x: Tensor, n: int, in_shape: tuple[int, int, int]) -> Tensor:
     return x.reshape(-1, *x.shape[2:])
 
 
-class ViTClassifier(nn.Module):
+class SavedByFolder:
+    """``save(folder)`` / ``load(folder, expect=None)`` / ``empty(config)`` for the vision models:
+    :func:`save_vision_model` and :func:`load_vision_model` as methods. ``empty`` builds a model
+    of ``config`` to load saved weights into, downloading nothing."""
+
+    config_class = VisionConfig
+
+    @classmethod
+    def empty(cls, config: VisionConfig):
+        return cls(config, load_pretrained=False)
+
+    def save(self, folder) -> Path:
+        return save_vision_model(self, folder)
+
+    @classmethod
+    def load(cls, folder, expect: VisionConfig | None = None):
+        return load_vision_model(cls, folder, expect)
+
+
+class ViTClassifier(SavedByFolder, nn.Module):
     """The vanilla ViT: one image per pass, ``head(norm(blocks(CLS + patches))[CLS])``.
 
     Takes and returns the shapes of the multiplexed models with N = 1, ``(B, 1, C, H, W) ->
@@ -133,7 +153,6 @@ class ViTClassifier(nn.Module):
     """
 
     n_mux = 1
-    config_class = VisionConfig
 
     def __init__(self, config: VisionConfig | None = None, load_pretrained: bool = True, **kwargs):
         super().__init__()
@@ -145,11 +164,6 @@ class ViTClassifier(nn.Module):
     def in_shape(self) -> tuple[int, int, int]:
         c = self.config
         return (c.in_chans, c.image_size, c.image_size)
-
-    @classmethod
-    def empty(cls, config: VisionConfig) -> "ViTClassifier":
-        """A model of ``config`` to load saved weights into (downloads nothing)."""
-        return cls(config, load_pretrained=False)
 
     def features(self, images: Tensor) -> Tensor:
         """``(B, C, H, W)`` images -> their final CLS states ``(B, d)``."""
