@@ -1,7 +1,8 @@
 """Notebook-level tests: conventions, papermill runs on non-default parameters, bad parameters.
 
 nbval (``make test`` passes ``--nbval-lax notebooks``) separately runs every notebook on its
-defaults, where the notebooks' own ``assert`` cells check their claims.
+defaults, where the notebooks' own ``assert`` cells check their claims; chapters 02 to 04 also
+assert their targets for the default run there (``check_claims``, which the tiny runs here turn off).
 """
 import json
 from pathlib import Path
@@ -153,7 +154,8 @@ def test_clean_notebook_drops_progress_bars_and_timings():
 # throughput, checkpoints and resume), not its accuracy.
 TMUX_TINY = dict(vocab_size=120, max_length=16, hidden_size=16, num_layers=1, num_heads=2, warmup_n=[2, 3],
                  warmup_steps=4, tasks=["negation", "casing"], finetune_n=[1, 3], finetune_steps=3, no_warmup_n=2,
-                 batch_size=12, finetune_batch_size=12, throughput_n=[1, 3], throughput_trials=1, device="cpu")
+                 batch_size=12, finetune_batch_size=12, throughput_n=[1, 3], throughput_trials=1, device="cpu",
+                 check_claims=False)
 
 
 @pytest.mark.notebook
@@ -177,18 +179,6 @@ def test_tmux_runs_on_other_parameters_and_resumes(tmp_path):
 
 
 @pytest.mark.notebook
-def test_tmux_default_run_meets_the_chapter_targets(tmp_path):
-    # chapter 02's quality gate (issue 5): held-out retrieval, tasks above their baselines at N=1
-    run(TMUX, tmp_path, out_dir=str(tmp_path))
-    metrics = json.loads((tmp_path / "02_tmux.json").read_text())
-    headline, majority = metrics["headline"], metrics["majority_baseline"]
-    assert headline["retrieval_acc_n2"] >= 0.95 and headline["retrieval_acc_n4"] >= 0.90, headline
-    assert headline["negation_acc_vanilla"] >= majority["negation"] + 0.15, (headline, majority)
-    assert majority["casing"] + 0.05 <= headline["casing_acc_vanilla"] < 1.0, (headline, majority)
-    assert all(headline[f"throughput_ratio_n{n}"] > 0 for n in (1, 2, 4, 8, 16))
-
-
-@pytest.mark.notebook
 @pytest.mark.parametrize("bad, message", [
     (dict(warmup_n=[0, 2]), "N in warmup_n must be an integer >= 1, got 0"),
     (dict(tasks=["sentiment"]), "unknown task 'sentiment'"),
@@ -205,7 +195,7 @@ def test_tmux_bad_parameters_stop_with_a_clear_message(tmp_path, bad, message):
 # throughput, and the full-scale data paths (GLUE and CoNLL files the test writes), not accuracy.
 PLMS_TINY = dict(vocab_size=120, max_length=16, hidden_size=16, num_layers=1, num_heads=2, mux_n=[2, 3], compare_n=2,
                  prime_steps=3, pretrain_steps=3, finetune_steps=2, batch_size=12, throughput_n=[1, 2],
-                 throughput_trials=1, device="cpu")
+                 throughput_trials=1, device="cpu", check_claims=False)
 GLUE_ROWS = {
     "stsb": ("sentence1\tsentence2\tlabel", ["the loop ends here\tthe loop stops here\t4.2",
                                             "a value is returned\tthe file is closed\t0.4",
@@ -289,19 +279,6 @@ def test_mux_plms_starts_from_a_real_pretrained_checkpoint(tmp_path, monkeypatch
     metrics = json.loads((tmp_path / "03_mux_plms.json").read_text())
     assert metrics["vocabulary"] == 30522
     assert "mux_bert_negation_acc_n2" in metrics["headline"] and "tmux_negation_acc_n2" not in metrics["headline"]
-
-
-@pytest.mark.notebook
-def test_mux_plms_default_run_meets_the_chapter_targets(tmp_path):
-    # chapter 03's robust claims at its defaults (issue 6); the comparisons are reported, not asserted
-    run(PLMS, tmp_path, out_dir=str(tmp_path))
-    metrics = json.loads((tmp_path / "03_mux_plms.json").read_text())
-    headline, majority = metrics["headline"], metrics["majority_baseline"]
-    assert headline["retrieval_acc_n2"] >= 0.9, headline
-    assert headline["bert_negation_acc_n1"] >= majority["negation"] + 0.15, (headline, majority)
-    assert headline["mlm_acc_n1"] > 0.05, headline  # above the most frequent token (about 0.044)
-    assert all(headline[f"throughput_ratio_{m}_n{n}"] > 0 for m in ("rsa", "tmux", "contextual") for n in (1, 2, 4, 8, 16))
-    assert metrics["seconds"] < 600
 
 
 @pytest.mark.notebook
