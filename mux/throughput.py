@@ -226,20 +226,17 @@ def flops_per_instance(model: nn.Module, n: int, example: Tensor, parts: tuple[s
     """Forward FLOPs per instance of each named part of ``model`` (its direct submodules).
 
     One forward pass of ``tuples`` tuples of N instances shaped like ``example`` (one
-    instance), counted by ``torch.utils.flop_counter.FlopCounterMode`` and divided by the
-    number of instances. The counter counts matrix products and convolutions only, not
-    element-wise operations (activations, norms, Hadamard products); a part the model lacks
-    (e.g. a vanilla model's multiplexer) counts 0.
+    instance), counted by :func:`count_macs` without norms and doubled (2 FLOPs per
+    multiply-add, the convention of ``torch.utils.flop_counter``), divided by the number of
+    instances. Matrix products, convolutions and attention products count; element-wise
+    operations (activations, norms, Hadamard products) do not. A part the model lacks (e.g. a
+    vanilla model's multiplexer) counts 0.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     check_n(n)
     check_n(tuples, "tuples")
     x = torch.zeros(tuples, n, *example.shape, dtype=example.dtype, device=device_of(model))
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    per_module, prefix = counter.get_flop_counts(), type(model).__name__
-    return {part: sum(per_module.get(f"{prefix}.{part}", {}).values()) / (tuples * n) for part in parts}
+    macs = count_macs(model, x, norms=False)["by_module"]
+    return {part: 2 * macs.get(part, 0) / (tuples * n) for part in parts}
 
 
 def _norm_macs(input_shape, *args, out_shape=None, **kwargs) -> int:
@@ -268,7 +265,7 @@ def count_macs(model: nn.Module, *inputs, norms: bool = True, **kwargs) -> dict:
 
     Works on the meta device (no memory, no arithmetic): build the model under
     ``torch.device("meta")`` to count a ViT-B without allocating it. Returns ``{"total":
-    MACs, "by_module": {module path: MACs}}``, the paths relative to ``model`` ("" is the whole).
+    MACs, "by_module": {module path: MACs}}``, the paths relative to ``model``.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -277,10 +274,7 @@ def count_macs(model: nn.Module, *inputs, norms: bool = True, **kwargs) -> dict:
         custom[torch.ops.aten.native_layer_norm] = _norm_macs
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=custom) as counter:
         model(*inputs, **kwargs)
-    prefix = type(model).__name__
-    by_module = {}
-    for path, counts in counter.get_flop_counts().items():
-        name = "" if path in ("Global", prefix) else path.removeprefix(prefix + ".")
-        if path != "Global" or prefix == "Global":
-            by_module[name] = sum(counts.values()) / 2
-    return {"total": by_module.get("", counter.get_total_flops() / 2), "by_module": by_module}
+    prefix = type(model).__name__ + "."  # the counter names submodules "<model class>.<path>"
+    by_module = {path.removeprefix(prefix): sum(counts.values()) / 2
+                 for path, counts in counter.get_flop_counts().items() if path.startswith(prefix)}
+    return {"total": counter.get_total_flops() / 2, "by_module": by_module}
