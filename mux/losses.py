@@ -226,8 +226,8 @@ class ConcatPlexerLoss:
                              f"got {smoothing_alpha!r}")
         if clip_weight > 0 and teacher is None:
             raise ValueError("clip_weight > 0 needs a teacher (mux.models.FeatureTeacher.from_clip or .from_vit)")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if temperature == 0:
+            raise ValueError("temperature must be > 0, got 0")
         self.clip_weight, self.smoothing_weight = float(clip_weight), float(smoothing_weight)
         self.smoothing_alpha, self.temperature, self.teacher = float(smoothing_alpha), float(temperature), teacher
 

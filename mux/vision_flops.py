@@ -49,8 +49,8 @@ import torch
 import mux
 from mux.models.concatplexer import TABLE1
 
-__all__ = ["PAPER_TABLE3", "ROWS", "base_config", "build", "gflops_per_image", "flops_table", "print_flops",
-           "measure_speed", "main"]
+__all__ = ["PAPER_TABLE3", "ROWS", "base_config", "build", "describe", "gflops_per_image", "flops_table",
+           "print_flops", "measure_speed", "main"]
 
 #: Table 3 of the ConcatPlexer paper: GFLOPs per image (fvcore, multiply-adds).
 PAPER_TABLE3 = {"vit_b16": 17.58, "concatplexer_1": 9.81, "concatplexer_2": 11.26, "concatplexer_3": 13.45,

@@ -41,7 +41,7 @@ from torch.nn import functional as F
 from ..demultiplexers import MLPDemultiplexer
 from ..grouping import check_n
 from ..multiplexers import ConcatMultiplexer, tuple_mixup
-from .vit import SavedByFolder, VisionConfig, ViTClassifier, build_vit, images_of
+from .vit import SavedByFolder, VisionConfig, ViTClassifier, build_vit, images_of, read_with_cls
 
 __all__ = ["ConcatPlexerConfig", "ConcatPlexerModel", "FeatureTeacher", "TABLE1"]
 
@@ -103,13 +103,8 @@ class ConcatPlexerModel(SavedByFolder, nn.Module):
 
     def demultiplexed_cls(self, tokens: Tensor) -> Tensor:
         """C-Multiplexer, backbone and demultiplexers: tokens ``(B, N, L, d)`` -> one CLS state per image ``(B, N, d)``."""
-        vit = self.vit
-        mixed = self.multiplexer(tokens)  # (B, L, d)
-        cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(mixed.shape[0], -1, -1)
-        h = torch.cat([cls, mixed], dim=1)
-        for block in vit.blocks[self.config.concat_point:]:
-            h = block(h)
-        return self.demultiplexer(vit.norm(h)[:, 0])
+        h = read_with_cls(self.vit, self.multiplexer(tokens), self.vit.blocks[self.config.concat_point:])
+        return self.demultiplexer(h[:, 0])
 
     def forward(self, x: Tensor, return_features: bool = False, smoothing_alpha: float | None = None):
         tokens = self.patchify(x)

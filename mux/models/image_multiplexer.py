@@ -36,7 +36,7 @@ from ..demultiplexers import MLPDemultiplexer
 from ..evaluate import IGNORE_INDEX
 from ..grouping import check_n
 from ..multiplexers import MLPOrthogonalMultiplexer
-from .vit import SavedByFolder, VisionConfig, build_vit, images_of
+from .vit import SavedByFolder, VisionConfig, build_vit, images_of, read_with_cls
 
 __all__ = ["PatchCodebook", "ImageMultiplexerConfig", "ImageMultiplexerModel", "PATCHIFIERS"]
 
@@ -200,14 +200,11 @@ class ImageMultiplexerModel(SavedByFolder, nn.Module):
             tokens = self.code_embed(codes)
         else:
             tokens = self.vit.patch_embed(images).view(b, c.n_mux, L, -1)
-        return tokens + self.vit.pos_embed[:, 1:].unsqueeze(1), codes
+        return self.vit.norm_pre(self.vit.pos_drop(tokens + self.vit.pos_embed[:, 1:].unsqueeze(1))), codes
 
     def forward(self, x: Tensor, return_retrieval: bool = False):
         tokens, codes = self._tokens(x)
-        mixed = self.multiplexer(tokens)  # (B, L, d)
-        vit = self.vit
-        cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(mixed.shape[0], -1, -1)
-        h = vit.norm(vit.blocks(vit.norm_pre(vit.pos_drop(torch.cat([cls, mixed], dim=1)))))  # (B, 1 + L, d)
+        h = read_with_cls(self.vit, self.multiplexer(tokens), self.vit.blocks)  # (B, 1 + L, d)
         if not return_retrieval:
             return self.head(self.demultiplexer(h[:, 0]))  # (B, N, C)
         if self.retrieval_head is None:

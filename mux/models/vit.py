@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..grouping import check_n
 
 __all__ = ["VisionConfig", "build_vit", "ViTClassifier", "SavedByFolder", "save_vision_model", "load_vision_model",
-           "images_of"]
+           "images_of", "read_with_cls"]
 
 _FORMAT = "mux-vision"
 
@@ -123,6 +123,17 @@ def images_of(x: Tensor, n: int, in_shape: tuple[int, int, int]) -> Tensor:
     if not x.is_floating_point():
         raise ValueError(f"expected floating-point pixels, got {x.dtype}")
     return x.reshape(-1, *x.shape[2:])
+
+
+def read_with_cls(vit: nn.Module, tokens: Tensor, blocks) -> Tensor:
+    """A ViT's CLS token (with its position embedding) in front of ``tokens`` ``(B, L, d)``, through
+    ``blocks`` (some or all of ``vit.blocks``) and the final LayerNorm: ``(B, 1 + L, d)``. How the
+    multiplexed models read a mixture or a concatenation with the ViT's own CLS."""
+    cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
+    h = torch.cat([cls, tokens], dim=1)
+    for block in blocks:
+        h = block(h)
+    return vit.norm(h)
 
 
 class SavedByFolder:
