@@ -7,7 +7,7 @@ import math
 import os
 from pathlib import Path
 
-__all__ = ["write_metrics", "read_metrics", "summary_table", "paper_vs_ours"]
+__all__ = ["write_metrics", "read_metrics", "summary_table", "paper_vs_ours", "se_of_difference", "accuracy_verdict"]
 
 
 def _check_jsonable(value, path="metrics"):
@@ -99,3 +99,25 @@ def paper_vs_ours(rows: list[tuple[str, str, str]]) -> str:
     lines = ["| setting | paper | this run |", "| --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return "\n".join(lines)
+
+
+def se_of_difference(a: float, b: float, m: int) -> float:
+    """Standard error of the difference of two accuracies ``a`` and ``b``, each measured on ``m``
+    test items: ``sqrt(a (1 - a) / m + b (1 - b) / m)`` (binomial, the two treated as independent)."""
+    if not m >= 1 or not (0 <= a <= 1 and 0 <= b <= 1):
+        raise ValueError(f"need accuracies in [0, 1] and m >= 1 test items, got a={a}, b={b}, m={m}")
+    return math.sqrt(a * (1 - a) / m + b * (1 - b) / m)
+
+
+def accuracy_verdict(a: float, b: float, what_a: str, what_b: str, m: int, spread: float = 0.0) -> str:
+    """One sentence comparing accuracy ``a`` of ``what_a`` with ``b`` of ``what_b`` on ``m`` test items.
+
+    The gap is called a tie when it is within twice the larger of the standard error of the
+    difference (:func:`se_of_difference`) and ``spread``, a seed-to-seed spread the caller has
+    measured (e.g. half the range of accuracies over seeds); otherwise the better one is "ahead".
+    """
+    margin = 2 * max(se_of_difference(a, b, m), spread)
+    if abs(a - b) <= margin:
+        return f"{what_a} and {what_b} tie ({a:.3f} vs {b:.3f}; the gap is within {margin:.3f})"
+    better, worse = (what_a, what_b) if a > b else (what_b, what_a)
+    return f"{better} is ahead of {worse} ({max(a, b):.3f} vs {min(a, b):.3f}, a gap above {margin:.3f})"

@@ -152,3 +152,15 @@ def test_write_metrics_syncs_the_file_before_renaming_it(tmp_path, monkeypatch):
     size = len(path.read_bytes())
     assert synced == [(size, False), "dir"], "the whole file is synced before the rename, then its folder"
     assert json.loads(path.read_text()) == {"acc": 0.5} and not list(tmp_path.glob("*.tmp"))
+
+
+def test_accuracy_verdicts_by_hand():
+    # 0.8 vs 0.7 on 100 items: se = sqrt(0.16/100 + 0.21/100) = 0.0608..., margin 0.1217: a tie
+    assert mux.se_of_difference(0.8, 0.7, 100) == pytest.approx((0.0016 + 0.0021) ** 0.5)
+    assert mux.accuracy_verdict(0.8, 0.7, "A", "B", 100) == "A and B tie (0.800 vs 0.700; the gap is within 0.122)"
+    # on 1000 items the margin is 0.038: B is ahead, whichever order they are given in
+    assert mux.accuracy_verdict(0.7, 0.8, "A", "B", 1000) == "B is ahead of A (0.800 vs 0.700, a gap above 0.038)"
+    # a measured seed spread larger than the standard error widens the margin
+    assert "tie" in mux.accuracy_verdict(0.7, 0.8, "A", "B", 1000, spread=0.06)
+    with pytest.raises(ValueError, match="accuracies in"):
+        mux.se_of_difference(1.2, 0.5, 10)
