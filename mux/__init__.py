@@ -7,18 +7,19 @@ inputs (N) -> front -> multiplexer -> shared backbone -> demultiplexer -> head -
 - ``mux.multiplexers``: ways of mixing N instances into one representation
 - ``mux.demultiplexers``: ways of recovering N representations from one
 - ``mux.models``: one file per method (``datamux``, ``tmux``, ``mux_plm``, ``vit``,
-  ``image_multiplexer``, ``concatplexer``)
+  ``image_multiplexer``, ``concatplexer``, ``mixvit``, ``mimo``)
 - ``mux.losses``: training objectives (a tensor, or named terms with the total under "loss")
 - ``mux.train`` / ``mux.evaluate``: the Accelerate training loop and every-example evaluation
 - ``mux.params``, ``mux.reporting``, ``mux.plots``, ``mux.env``: notebook support
 """
 from . import plots
-from .demultiplexers import Demultiplexer, IndexDemultiplexer, MLPDemultiplexer, RSADemultiplexer
+from .demultiplexers import Demultiplexer, IndexDemultiplexer, MLPDemultiplexer, RSADemultiplexer, SourceAttribution
 from .env import device_of, pick_device, versions
 from .evaluate import IGNORE_INDEX, evaluate, evaluation_order, predict, predict_logits
 from .grouping import check_n, group, multiplexed_forward, pad_to_multiple, ungroup, union_mask
 from .losses import (
     ConcatPlexerLoss,
+    MultiInputLoss,
     TaskAndRetrievalLoss,
     classification_loss,
     clip_contrastive_loss,
@@ -30,12 +31,17 @@ from .losses import (
 )
 from .models import (
     ConcatPlexerConfig,
+    ClassAttentionConfig,
     ConcatPlexerModel,
     DataMUXClassifier,
     DataMUXConfig,
     FeatureTeacher,
     ImageMultiplexerConfig,
     ImageMultiplexerModel,
+    MIMOViTConfig,
+    MIMOViTModel,
+    MixViTConfig,
+    MixViTModel,
     MUXPLMConfig,
     MUXPLMModel,
     PatchCodebook,
@@ -50,9 +56,12 @@ from .multiplexers import (
     ConcatMultiplexer,
     ContextualMultiplexer,
     GaussianHadamardMultiplexer,
+    MIMOMultiplexer,
     MLPOrthogonalMultiplexer,
     Multiplexer,
     OrthogonalMultiplexer,
+    TokenCutMixMultiplexer,
+    cutmix_sources,
     make_multiplexer,
     tuple_mixup,
 )

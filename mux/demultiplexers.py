@@ -24,6 +24,11 @@ A demultiplexer is a module ``forward(h, **context) -> (B, N, ..., d)``:
 
 DataMUX's MLP demultiplexer (:class:`MLPDemultiplexer`) gives each instance index i its
 own small MLP, ``LayerNorm(GELU(W_i h + b_i))``, all N computed in one batched operation.
+
+MixViT (chapter 05) demultiplexes earlier, before its last blocks: its
+:class:`SourceAttribution` turns the shared patch tokens into M copies, each tagged for one
+subnetwork (a learned vector or a learned Linear per subnetwork), and the class-attention
+blocks then read each copy separately.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ from torch.nn import functional as F
 
 from .grouping import check_n
 
-__all__ = ["Demultiplexer", "MLPDemultiplexer", "IndexDemultiplexer", "RSADemultiplexer"]
+__all__ = ["Demultiplexer", "MLPDemultiplexer", "IndexDemultiplexer", "RSADemultiplexer", "SourceAttribution"]
 
 
 class Demultiplexer(nn.Module):
@@ -197,3 +202,66 @@ class RSADemultiplexer(Demultiplexer):
 
     def extra_repr(self) -> str:
         return f"n={self.n}, d={self.d}, layers={self.layers}"
+
+
+class SourceAttribution(Demultiplexer):
+    """MixViT's source attribution (section 2.3): patch tokens that say which input they belong to.
+
+    ``s_i`` specialises the generic tokens t ``(B, L, d)`` for subnetwork i:
+
+    - ``kind="encoding"`` (eq. 2): ``s_i(t) = t W_i^T + b_i``, one learned Linear d -> d per
+      subnetwork (``weight`` ``(M, d, d)``, ``bias`` ``(M, d)``);
+    - ``kind="embedding"`` (eq. 3): ``s_i(t) = b_i``, a learned vector per subnetwork, the
+      encoding with ``W_i = 0`` (``2d`` numbers for M = 2);
+    - ``kind="none"``: ``s_i = 0``, the ablation without attribution (identical subnetworks).
+
+    Two ways to call it:
+
+    - ``forward(t)`` (inference, "SourceAttributionTiled" of appendix I): the M attributed
+      copies ``t + s_i(t)``, ``(B, M, L, d)``, one per subnetwork: the demultiplexer contract.
+    - ``forward(t, sources=mask)`` (training): with the CutMix source mask ``(B, M, L)``, the
+      one set ``t* = t + sum_i M_i * s_i(t)``, ``(B, L, d)``, where each token is attributed
+      to the input it came from.
+
+    Initialisation (not in the paper): ``b_i`` and ``W_i`` drawn with std 0.02, as a ViT's
+    position embedding, so the subnetworks differ from the first step but start close to t.
+    """
+
+    KINDS = ("embedding", "encoding", "none")
+
+    def __init__(self, n: int, d: int, kind: str = "embedding"):
+        super().__init__(n, d)
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown source attribution {kind!r}; expected one of {list(self.KINDS)}")
+        self.kind = kind
+        self.bias = nn.Parameter(torch.zeros(self.n, self.d)) if kind != "none" else None
+        self.weight = nn.Parameter(torch.zeros(self.n, self.d, self.d)) if kind == "encoding" else None
+        for p in (self.bias, self.weight):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"bias"} if self.kind == "embedding" else set()  # embeddings, like position embeddings
+
+    def offsets(self, t: Tensor) -> Tensor:
+        """``s_i(t)`` for every subnetwork: ``(B, L, d) -> (B, M, L, d)`` (zeros for kind="none")."""
+        if self.kind == "none":
+            return t.new_zeros(t.shape[0], self.n, *t.shape[1:])
+        s = self.bias.to(t.dtype)[None, :, None, :].expand(t.shape[0], -1, t.shape[1], -1)
+        if self.kind == "encoding":
+            s = s + torch.einsum("bld,mod->bmlo", t, self.weight.to(t.dtype))
+        return s
+
+    def demultiplex(self, h: Tensor, sources: Tensor | None = None, **context) -> Tensor:
+        if h.dim() != 3:
+            raise ValueError(f"SourceAttribution expects patch tokens (B, L, d={self.d}), got shape {tuple(h.shape)}")
+        s = self.offsets(h)
+        if sources is None:
+            return h.unsqueeze(1) + s
+        if tuple(sources.shape) != (h.shape[0], self.n, h.shape[1]):
+            raise ValueError(f"SourceAttribution expects a source mask (B, M={self.n}, L) = "
+                             f"{(h.shape[0], self.n, h.shape[1])}, got {tuple(sources.shape)}")
+        return h + (sources.unsqueeze(-1).to(h.dtype) * s).sum(dim=1)
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, d={self.d}, kind={self.kind}"

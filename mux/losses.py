@@ -21,7 +21,8 @@ from .grouping import group, multiplexed_forward, pad_to_multiple, ungroup
 from .multiplexers import tuple_mixup
 
 __all__ = ["classification_loss", "cross_entropy_and_accuracy", "retrieval_loss", "TaskAndRetrievalLoss",
-           "masked_lm_loss", "replaced_token_loss", "clip_contrastive_loss", "mixed_labels", "ConcatPlexerLoss"]
+           "masked_lm_loss", "replaced_token_loss", "clip_contrastive_loss", "mixed_labels", "ConcatPlexerLoss",
+           "MultiInputLoss"]
 
 
 def classification_loss(model: nn.Module, batch, n: int) -> Tensor:
@@ -258,3 +259,104 @@ class ConcatPlexerLoss:
         teacher = getattr(self.teacher, "name", None) if self.teacher is not None else None
         return (f"ConcatPlexerLoss(clip_weight={self.clip_weight}, smoothing_weight={self.smoothing_weight}, "
                 f"smoothing_alpha={self.smoothing_alpha}, teacher={teacher!r}, temperature={self.temperature})")
+
+
+class MultiInputLoss:
+    """Training loss of the multi-input multi-output models (chapter 05): MixViT, MIMO, MixMo.
+
+    Train with ``n=1``: every image of the batch is the first input of one mixed example, and
+    the other M - 1 inputs are the same batch in a random order each ("batch repetition" 1 of
+    MixMo): a step costs B passes, as the single-input model's, and every image reaches every
+    subnetwork once per epoch. Each example's M inputs are mixed by the model from the mask
+    drawn here, and the loss is ``sum_i w_i * CE(y_i, p_i)``, averaged over the batch:
+
+    - ``mixing="token_cutmix"`` (MixViT, eq. 1): CutMix masks voted per patch
+      (:func:`mux.multiplexers.cutmix_sources`, ``alpha`` default 0.5 as the paper's);
+      ``w_i`` = the share of the tokens taken from input i. Over the last ``final_fraction``
+      of training the probability of taking every token from one input grows linearly from 0
+      to 1 (appendix H, inherited from MixMo), so training ends on what inference sees.
+    - ``mixing="sum"`` (MIMO): the M encodings summed, ``w_i = 1``.
+    - ``mixing="mixmo"`` (MixMo): per example, with probability ``cut_prob`` (0.5, falling
+      linearly to 0 over the last ``final_fraction``) a CutMix box on the token grid, else the
+      linear mix with weights ``2 lambda`` and ``2 (1 - lambda)``; ``lambda ~ Beta(alpha, alpha)``
+      (``alpha`` default 2, MixMo's); ``w_i`` = input i's share (root r = 1, as MixViT uses).
+
+    :func:`mux.train` calls :meth:`set_step` before every step, which is how the loss knows
+    where training is. Randomness comes from torch's global RNG (seeded, checkpointed and
+    restored by ``mux.train``). Logged: ``ce`` (the weighted loss) and ``acc`` (each example
+    scored on the input with the largest weight).
+    """
+
+    MIXINGS = {"token_cutmix": 0.5, "sum": None, "mixmo": 2.0}
+
+    def __init__(self, mixing: str = "token_cutmix", alpha: float | None = None, final_fraction: float = 1 / 12,
+                 cut_prob: float = 0.5):
+        from .multiplexers import _check_positive
+
+        if mixing not in self.MIXINGS:
+            raise ValueError(f"unknown mixing {mixing!r}; expected one of {list(self.MIXINGS)}")
+        self.mixing = mixing
+        self.alpha = None if mixing == "sum" else _check_positive(
+            "alpha (of Beta(alpha, alpha))", self.MIXINGS[mixing] if alpha is None else alpha)
+        if not 0 <= final_fraction <= 1 or not 0 <= cut_prob <= 1:
+            raise ValueError(f"final_fraction and cut_prob must lie in [0, 1], got {final_fraction!r}, {cut_prob!r}")
+        self.final_fraction, self.cut_prob, self.progress = float(final_fraction), float(cut_prob), 0.0
+
+    def set_step(self, step: int, max_steps: int) -> None:
+        """Called by :func:`mux.train` before each step: ``step`` steps are done, the next is ``step + 1``."""
+        self.progress = (step + 1) / max(max_steps, 1)
+
+    def ramp(self) -> float:
+        """0 before the last ``final_fraction`` of training, then rising linearly to 1 at its end."""
+        if self.final_fraction == 0:
+            return 0.0
+        return min(max((self.progress - (1 - self.final_fraction)) / self.final_fraction, 0.0), 1.0)
+
+    def mix(self, batch: int, m: int, config) -> tuple[Tensor | None, Tensor]:
+        """``(sources, w)``: the model's per-position mixing weights ``(B, M, L)`` and the loss weights ``(B, M)``."""
+        from .multiplexers import cutmix_sources
+
+        if self.mixing == "sum":
+            return torch.ones(batch, m, (config.image_size // config.patch_size) ** 2), torch.ones(batch, m)
+        if self.mixing == "token_cutmix":
+            sources = cutmix_sources(batch, m, config.image_size, config.patch_size, self.alpha,
+                                     one_source_prob=self.ramp())
+            return sources, sources.mean(dim=-1)
+        grid = config.image_size // config.patch_size
+        cut = cutmix_sources(batch, m, grid, 1, self.alpha)  # a box on the token grid
+        lam = torch.distributions.Beta(self.alpha, self.alpha).sample((batch,))
+        pair = torch.rand(batch, m).argsort(dim=1)[:, :2]
+        share = torch.zeros(batch, m).scatter(1, pair, torch.stack([lam, 1 - lam], dim=1))
+        linear = (2 * share)[:, :, None].expand_as(cut)
+        use_cut = (torch.rand(batch) < self.cut_prob * (1 - self.ramp()))[:, None, None]
+        sources = torch.where(use_cut, cut, linear)
+        return sources, torch.where(use_cut[:, :, 0], cut.mean(dim=-1), share)
+
+    def __call__(self, model: nn.Module, batch, n: int) -> dict[str, Tensor]:
+        if n != 1:
+            raise ValueError(f"train multi-input models with n=1 (got n={n}): the loss draws each example's other "
+                             "inputs from the batch itself")
+        inner = getattr(model, "module", model)
+        m = getattr(inner, "subnetworks", 1)
+        if m < 2:
+            raise ValueError(f"{type(inner).__name__} has {m} subnetwork: mixing needs M >= 2 inputs "
+                             "(train the single-input baseline with mux.classification_loss)")
+        images, labels = split_batch(batch)
+        if images.dim() == 5:  # (B, 1, C, H, W) as evaluation groups them
+            images = images[:, 0]
+        b = images.shape[0]
+        order = torch.stack([torch.arange(b)] + [torch.randperm(b) for _ in range(m - 1)], dim=1)  # (B, M)
+        order = order.to(labels.device)
+        sources, weights = self.mix(b, m, inner.config)
+        logits = model(images[order], sources=sources.to(images.device))  # (B, M, C)
+        targets = labels[order]
+        ce = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view(b, m)
+        loss = (weights.to(ce.device) * ce).sum(dim=1).mean()
+        main = weights.argmax(dim=1).to(labels.device)
+        picked = logits.gather(1, main[:, None, None].expand(-1, 1, logits.shape[-1]))[:, 0]
+        accuracy = (picked.argmax(-1) == targets.gather(1, main[:, None])[:, 0]).float().mean().detach()
+        return {"loss": loss, "ce": loss.detach(), "acc": accuracy}
+
+    def __repr__(self) -> str:  # part of a run's identity in its checkpoints: keep it stable
+        return (f"MultiInputLoss(mixing={self.mixing!r}, alpha={self.alpha}, final_fraction={self.final_fraction}, "
+                f"cut_prob={self.cut_prob})")

@@ -59,8 +59,14 @@ the mean over N. Chapter 04 (vision) adds two:
 
 :func:`tuple_mixup` mixes the N instances of a tuple with each other (ConcatPlexer's
 mixed-label smoothing, eq. 5); the same weights mix their one-hot labels.
-The chapter to come adds MixViT's token CutMix, whose ``combine`` picks, at every position,
-the token of one source instance.
+Chapter 05 (MixViT, multi-input multi-output) adds two more:
+
+- MixViT's :class:`TokenCutMixMultiplexer`: ``transform`` = the identity (one patch
+  embedding shared by all sources); ``combine`` picks, at every position, the token of one
+  source, following CutMix masks voted per patch (:func:`cutmix_sources`).
+- :class:`MIMOMultiplexer`, MIMO and MixMo carried over to ViTs: ``transform`` = a learned
+  patch embedding per source; ``combine`` = a sum weighted per position (all ones: MIMO's
+  sum; MixMo's CutMix or linear weights).
 
 The three DataMUX multiplexers below act on the last dimension only, so the same module
 mixes vectors ``(B, N, d) -> (B, d)``, token sequences ``(B, N, L, d) -> (B, L, d)`` or
@@ -94,6 +100,9 @@ __all__ = [
     "MLPOrthogonalMultiplexer",
     "ConcatMultiplexer",
     "tuple_mixup",
+    "TokenCutMixMultiplexer",
+    "MIMOMultiplexer",
+    "cutmix_sources",
     "MULTIPLEXERS",
     "make_multiplexer",
 ]
@@ -479,6 +488,145 @@ def tuple_mixup(x: Tensor, alpha: float) -> Tensor:
     weights = torch.full((n, n), off, dtype=x.dtype, device=x.device)
     weights.fill_diagonal_(alpha)
     return torch.einsum("in,bn...->bi...", weights, x)
+
+
+class TokenCutMixMultiplexer(Multiplexer):
+    """MixViT's token CutMix (section 2.1, Fig. 2): at every position, the token of one source.
+
+    ``(B, M, L, d)`` patch tokens of M images (embedded by one shared patch embedding) and a
+    ``mask`` ``(B, M, L)`` that is one-hot across the M sources at every position (the
+    masks M_i of the paper: exactly one 1 per position) -> ``(B, L, d)``,
+    ``mixed[l] = sum_i M_i[l] * x_i[l]``.
+
+    ``transform`` is the identity and ``combine`` a sum weighted by the mask, not a mean:
+    nothing is added up, each position is taken whole from one image. The padding mask of
+    the other multiplexers becomes a source mask here (a token that is not picked is absent
+    from the mixture, like padding). The paper mixes pixel patches and then embeds them;
+    a patch embedding is linear and acts on each patch alone, so picking embedded tokens
+    gives the same numbers (``tests/test_mixvit.py`` checks it). Draw the masks with
+    :func:`cutmix_sources`.
+    """
+
+    separable = False  # the mask couples the instances: each position belongs to exactly one
+
+    def check_input(self, x: Tensor, mask: Tensor | None = None) -> None:
+        super().check_input(x, mask)
+        if mask is None:
+            raise ValueError(f"{type(self).__name__} needs a source mask (B, M={self.n}, L), one-hot across the M "
+                             "sources at every position: draw one with mux.multiplexers.cutmix_sources")
+        if x.dim() != 4:
+            raise ValueError(f"{type(self).__name__} expects tokens (B, M={self.n}, L, d={self.d}), "
+                             f"got shape {tuple(x.shape)}")
+        if bool((mask.to(torch.int64).sum(dim=1) != 1).any()):
+            raise ValueError(f"{type(self).__name__}: the source mask must pick exactly one of the M={self.n} "
+                             "sources at every position (one-hot across dimension 1)")
+
+    def combine(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
+        return (z * mask.unsqueeze(-1).to(z.dtype)).sum(dim=1)
+
+
+class MIMOMultiplexer(Multiplexer):
+    """MIMO and MixMo carried over to a ViT (MixViT's appendix C, Fig. 8): one learned input
+    encoder per source, then a weighted sum.
+
+    ``(B, M, L, p)`` flattened pixel patches (``p = C * patch_size^2``) -> ``(B, L, d)``:
+
+    - ``transform``: source i's own patch embedding ``e_i`` (a Linear p -> d, learned; the
+      stored weights ``weight`` ``(M, d, p)`` and ``bias`` ``(M, d)``);
+    - ``combine``: ``sum_i w_i * e_i(x_i)`` with per-position weights ``w`` = ``mask``
+      ``(B, M, L)``, or all ones when ``mask`` is None. All ones is MIMO's sum (Havasi et al.,
+      2021); MixMo (Rame et al., 2021) uses either a binary CutMix mask on the token grid or
+      the linear mix ``2 * lambda`` and ``2 * (1 - lambda)``. At inference every encoder reads
+      the same image and the M encodings are summed.
+
+    Unlike the other multiplexers, the weights need not be 0 or 1.
+    """
+
+    def __init__(self, n: int, d: int, patch_dim: int, seed: int = 0):
+        super().__init__(n, d, seed)
+        self.patch_dim = check_n(patch_dim, name="patch_dim (numbers per pixel patch)")
+        self.weight = nn.Parameter(torch.empty(self.n, self.d, self.patch_dim))
+        self.bias = nn.Parameter(torch.empty(self.n, self.d))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for i in range(self.n):  # each e_i as nn.Linear initialises its own weights
+            nn.init.kaiming_uniform_(self.weight[i], a=math.sqrt(5))
+        bound = 1 / math.sqrt(self.patch_dim)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def check_input(self, x: Tensor, mask: Tensor | None = None) -> None:
+        if x.dim() != 4 or x.shape[1] != self.n or x.shape[-1] != self.patch_dim:
+            raise ValueError(f"{type(self).__name__} expects pixel patches (B, M={self.n}, L, p={self.patch_dim}), "
+                             f"got shape {tuple(x.shape)}")
+        if mask is not None and tuple(mask.shape) != tuple(x.shape[:-1]):
+            raise ValueError(f"{type(self).__name__} expects weights (B, M, L) = {tuple(x.shape[:-1])}, "
+                             f"got shape {tuple(mask.shape)}")
+
+    def transform(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return torch.einsum("bmlp,mdp->bmld", x, self.weight.to(x.dtype)) + self.bias[None, :, None].to(x.dtype)
+
+    def combine(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
+        return z.sum(dim=1) if mask is None else (z * mask.unsqueeze(-1).to(z.dtype)).sum(dim=1)
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, d={self.d}, patch_dim={self.patch_dim}"
+
+
+def _check_positive(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def cutmix_sources(batch: int, m: int, image_size: int, patch_size: int, alpha: float,
+                   one_source_prob: float = 0.0, device=None) -> Tensor:
+    """MixViT's corrected CutMix masks (appendix H): ``(batch, m, L)``, one-hot across the m sources.
+
+    For each mixed example: two of the m sources, in random order, a and b (for m = 2, both,
+    so either may get the box); ``lambda ~ Beta(alpha, alpha)``; a CutMix box of area
+    ``(1 - lambda)`` of the ``image_size`` x ``image_size`` pixels, centred uniformly at
+    random and clipped to the image (Yun et al., 2019), whose pixels come from b, the rest from a.
+    Then the **majority vote**: a patch of ``patch_size`` x ``patch_size`` pixels takes b's
+    token when more than half its pixels lie in the box, a's when fewer; exact ties go to
+    one source drawn once per example for all its tied patches. Other sources get no token
+    (appendix B's scheme for m > 2). With probability ``one_source_prob`` an example instead
+    takes every token from one source drawn uniformly (the schedule of the last twelfth of
+    training). ``L = (image_size / patch_size)^2`` in row-major order of the patch grid.
+
+    The fraction of tokens from each source (``mask.mean(-1)``) is the lambda of the loss;
+    after the vote it differs from the lambda drawn for the box. Randomness comes from torch's
+    global RNG, which :func:`mux.train` seeds, checkpoints and restores.
+    """
+    check_n(batch, name="batch")
+    if isinstance(m, bool) or not isinstance(m, int) or m < 2:
+        raise ValueError(f"CutMix mixes at least two inputs: need m >= 2 sources, got {m!r}")
+    alpha = _check_positive("alpha (of Beta(alpha, alpha))", alpha)
+    check_n(image_size, name="image_size")
+    check_n(patch_size, name="patch_size")
+    if image_size % patch_size:
+        raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}: the masks are "
+                         "voted per whole patch")
+    if not 0 <= one_source_prob <= 1:
+        raise ValueError(f"one_source_prob must lie in [0, 1], got {one_source_prob!r}")
+    side, p, g = image_size, patch_size, image_size // patch_size
+    lam = torch.distributions.Beta(alpha, alpha).sample((batch,))
+    cut = torch.sqrt(1 - lam) * side  # box side, in pixels
+    centre = torch.rand(batch, 2) * side
+    low = (centre - cut[:, None] / 2).round().clamp(0, side)
+    high = (centre + cut[:, None] / 2).round().clamp(0, side)
+    pixels = torch.arange(side)
+    rows = (pixels >= low[:, :1]) & (pixels < high[:, :1])  # (batch, side)
+    cols = (pixels >= low[:, 1:]) & (pixels < high[:, 1:])
+    box = rows[:, :, None] & cols[:, None, :]  # (batch, side, side): pixels from b
+    votes = 2 * box.view(batch, g, p, g, p).sum(dim=(2, 4)).flatten(1)  # (batch, L), against p * p
+    tie_to_b = torch.rand(batch, 1) < 0.5
+    from_b = (votes > p * p) | ((votes == p * p) & tie_to_b)
+    pair = torch.rand(batch, m).argsort(dim=1)[:, :2]  # (a, b) per example
+    source = torch.where(from_b, pair[:, 1:], pair[:, :1])
+    whole = torch.rand(batch) < one_source_prob
+    source[whole] = torch.randint(m, (int(whole.sum()), 1)).expand(-1, g * g)
+    return nn.functional.one_hot(source, m).transpose(1, 2).float().to(device)
 
 
 MULTIPLEXERS: dict[str, type[Multiplexer]] = {

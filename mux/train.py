@@ -487,7 +487,9 @@ def train(
 
     ``train_data`` is a dataset of instances (``(x, label)`` pairs or dicts of tensors, batched
     by ``collate_fn``) or a DataLoader over one. ``loss_fn(model, batch, n)`` returns the loss,
-    or a dict of named terms with the total under ``"loss"`` (:mod:`mux.losses`).
+    or a dict of named terms with the total under ``"loss"`` (:mod:`mux.losses`); a ``loss_fn``
+    with a ``set_step(step, max_steps)`` method is told the step before each one (a schedule
+    that depends on progress then resumes exactly, since the step is checkpointed).
     ``accelerator``: an existing Accelerator to use (then ``cfg.mixed_precision`` and
     ``cfg.cpu`` are its business); it must hold no other prepared objects, since its
     checkpoints would save them too. What ``train`` prepares is released when it returns.
@@ -592,6 +594,8 @@ def train(
             while step < cfg.max_steps:
                 model.train()
                 rng = _rng_snapshot()  # to save a consistent state if interrupted before the update
+                if hasattr(loss_fn, "set_step"):  # a loss whose mixing follows a schedule (MultiInputLoss)
+                    loss_fn.set_step(step, cfg.max_steps)
                 for micro in range(accum):
                     with accelerator.no_sync(model) if micro < accum - 1 else nullcontext():
                         terms = _loss_terms(loss_fn(model, next(stream), n))
