@@ -277,8 +277,11 @@ class MultiInputLoss:
       to 1 (appendix H, inherited from MixMo), so training ends on what inference sees.
     - ``mixing="sum"`` (MIMO): the M encodings summed, ``w_i = 1``.
     - ``mixing="mixmo"`` (MixMo): per example, with probability ``cut_prob`` (0.5, falling
-      linearly to 0 over the last ``final_fraction``) a CutMix box on the token grid, else the
-      linear mix with weights ``2 lambda`` and ``2 (1 - lambda)``; ``lambda ~ Beta(alpha, alpha)``
+      linearly to 0 over the last ``final_fraction``) a CutMix box on the token grid (weights 2
+      inside the box for one input, 2 outside for the other), else the linear mix with weights
+      ``2 lambda`` and ``2 (1 - lambda)``: MixMo multiplies both by its 2 inputs, so the mixture
+      has the scale of the sum used at inference. lambda and the branch are drawn per example
+      here (MixMo draws lambda per batch); ``lambda ~ Beta(alpha, alpha)``
       (``alpha`` default 2, MixMo's); ``w_i`` = input i's share (root r = 1, as MixViT uses).
 
     :func:`mux.train` calls :meth:`set_step` before every step, which is how the loss knows
@@ -329,7 +332,7 @@ class MultiInputLoss:
         share = torch.zeros(batch, m).scatter(1, pair, torch.stack([lam, 1 - lam], dim=1))
         linear = (2 * share)[:, :, None].expand_as(cut)
         use_cut = (torch.rand(batch) < self.cut_prob * (1 - self.ramp()))[:, None, None]
-        sources = torch.where(use_cut, cut, linear)
+        sources = torch.where(use_cut, 2 * cut, linear)  # both branches scaled by 2, as MixMo scales by its 2 inputs
         return sources, torch.where(use_cut[:, :, 0], cut.mean(dim=-1), share)
 
     def __call__(self, model: nn.Module, batch, n: int) -> dict[str, Tensor]:

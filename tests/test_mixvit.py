@@ -447,12 +447,12 @@ def test_mixmo_weights(m):
     sources, weights = loss_fn.mix(400, m, config)
     assert sources.shape == (400, m, L) and weights.shape == (400, m)
     assert torch.allclose(weights.sum(dim=1), torch.ones(400))
-    is_cut = ((sources == 0) | (sources == 1)).all(dim=(1, 2)) & (sources.sum(dim=1) == 1).all(dim=1)
+    is_cut = ((sources == 0) | (sources == 2)).all(dim=(1, 2)) & (sources.sum(dim=1) == 2).all(dim=1)
     constant = (sources == sources[:, :, :1]).all(dim=2).all(dim=1)
     is_linear = constant & torch.isclose(sources[:, :, 0], 2 * weights).all(dim=1) & ~is_cut
     for e in range(400):
         if is_cut[e]:
-            torch.testing.assert_close(weights[e], sources[e].mean(dim=-1))
+            torch.testing.assert_close(weights[e], sources[e].mean(dim=-1) / 2)
         else:
             assert constant[e]
             torch.testing.assert_close(sources[e, :, 0], 2 * weights[e])
@@ -462,7 +462,7 @@ def test_mixmo_weights(m):
     # cut_prob 1: all cut; over the final ramp the cut probability falls to 0: all linear
     torch.manual_seed(0)
     all_cut, _ = MultiInputLoss("mixmo", cut_prob=1.0).mix(50, m, config)
-    assert ((all_cut == 0) | (all_cut == 1)).all() and (all_cut.sum(dim=1) == 1).all()
+    assert ((all_cut == 0) | (all_cut == 2)).all() and (all_cut.sum(dim=1) == 2).all()
     end = MultiInputLoss("mixmo", cut_prob=1.0)
     end.set_step(100, 100)
     linear, w = end.mix(50, m, config)

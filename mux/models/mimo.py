@@ -11,7 +11,7 @@ blocks) reads the mixture, and M dense heads give M predictions::
 
 - **MIMO** (Havasi et al., 2021): the sum of the M embeddings, every loss weighted 1.
 - **MixMo** (Rame et al., 2021): with probability 0.5 a CutMix of the embeddings (a box on the
-  token grid), otherwise the linear mix ``2 lambda e_0 + 2 (1 - lambda) e_1``; losses weighted
+  token grid, times 2), otherwise the linear mix ``2 lambda e_0 + 2 (1 - lambda) e_1``; losses weighted
   by lambda; over the last twelfth of training the CutMix probability falls to 0.
 
 Both mixings are drawn by :class:`mux.losses.MultiInputLoss` (``mixing="sum"`` or
