@@ -19,6 +19,7 @@ DATAMUX = ROOT / "notebooks" / "01_datamux.ipynb"
 TMUX = ROOT / "notebooks" / "02_tmux.ipynb"
 PLMS = ROOT / "notebooks" / "03_mux_plms.ipynb"
 VISION = ROOT / "notebooks" / "04_vision_mux.ipynb"
+MIXVIT = ROOT / "notebooks" / "05_mixvit.ipynb"
 
 # A few seconds of training: the code paths of a full-scale run, not its accuracy.
 TINY = dict(n_values=[1, 3], multiplexers=["orthogonal", "binary_hadamard"], compare_n=3, seeds=[0, 1], width=8,
@@ -44,8 +45,8 @@ def run(notebook, tmp_path, **parameters):
 
 
 def test_there_are_course_notebooks():
-    assert [p.name for p in NOTEBOOKS][:5] == ["00_start_here.ipynb", "01_datamux.ipynb", "02_tmux.ipynb",
-                                               "03_mux_plms.ipynb", "04_vision_mux.ipynb"]
+    assert [p.name for p in NOTEBOOKS][:6] == ["00_start_here.ipynb", "01_datamux.ipynb", "02_tmux.ipynb",
+                                               "03_mux_plms.ipynb", "04_vision_mux.ipynb", "05_mixvit.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -359,4 +360,44 @@ def test_vision_bad_parameters_stop_with_a_clear_message(tmp_path, bad, message)
     params = dict(VISION_TINY, dataset="digits", patch_size=2, out_dir=str(tmp_path))
     with pytest.raises(pm.PapermillExecutionError) as err:
         run(VISION, tmp_path, **dict(params, **bad))
+    assert message in str(err.value)
+
+
+# MixViT on an image folder with a ConViT backbone and three subnetworks: the full-scale data path, every model,
+# the overhead section and resume (check_claims=False: the claims are the default run's).
+MIXVIT_TINY = dict(dataset="imagefolder", image_size=16, patch_size=4, backbone="convit", embed_dim=16, depth=2,
+                   class_depth=1, num_heads=2, subnetworks=3, steps=3, batch_size=8, seeds=[0, 1], speed_trials=1,
+                   train_images=0, device="cpu", check_claims=False)
+
+
+@pytest.mark.notebook
+def test_mixvit_runs_on_an_image_folder_with_convit_and_resumes(tmp_path):
+    params = dict(MIXVIT_TINY, data_dir=str(write_image_folder(tmp_path / "images")), out_dir=str(tmp_path / "m1"),
+                  checkpoint_dir=str(tmp_path / "ckpt"))
+    run(MIXVIT, tmp_path, **params)
+    first = json.loads((tmp_path / "m1" / "05_mixvit.json").read_text())
+    for key in ("single_acc", "mixvit_embedding_acc", "mixvit_encoding_acc", "mimo_acc", "mixmo_acc",
+                "mixvit_overhead_flops", "mixvit_overhead_time"):
+        assert key in first["headline"], (key, sorted(first["headline"]))
+    assert first["test_images"] == 9 and set(first["accuracy"]) == {f"{k}_s{s}" for s in (0, 1) for k in (
+        "single", "embedding", "encoding", "mimo", "mixmo")}
+    assert len(first["subnetwork_accuracy"]["embedding_s1"]) == 3
+    assert (tmp_path / "ckpt" / "mixmo_s1" / "checkpoint-00000003").is_dir()
+    # the same command again resumes every model from its final checkpoint: the same accuracies
+    run(MIXVIT, tmp_path, **dict(params, out_dir=str(tmp_path / "m2")))
+    second = json.loads((tmp_path / "m2" / "05_mixvit.json").read_text())
+    assert second["accuracy"] == first["accuracy"]
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("bad, message", [
+    (dict(subnetworks=1), "subnetworks (M)"),
+    (dict(alpha=0.0), "alpha must be positive"),
+    (dict(patch_size=3), "digits images are 8 pixels wide, not a multiple of patch_size 3"),
+    (dict(timm_name="vit_small_patch16_224"), "which this timm model has not"),
+])
+def test_mixvit_bad_parameters_stop_with_a_clear_message(tmp_path, bad, message):
+    params = dict(MIXVIT_TINY, dataset="digits", patch_size=2, out_dir=str(tmp_path))
+    with pytest.raises(pm.PapermillExecutionError) as err:
+        run(MIXVIT, tmp_path, **dict(params, **bad))
     assert message in str(err.value)
