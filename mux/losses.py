@@ -20,9 +20,29 @@ from .evaluate import IGNORE_INDEX, logits_of, split_batch
 from .grouping import group, multiplexed_forward, pad_to_multiple, ungroup
 from .multiplexers import tuple_mixup
 
-__all__ = ["classification_loss", "cross_entropy_and_accuracy", "retrieval_loss", "TaskAndRetrievalLoss",
-           "masked_lm_loss", "replaced_token_loss", "clip_contrastive_loss", "mixed_labels", "ConcatPlexerLoss",
-           "MultiInputLoss"]
+__all__ = ["classification_loss", "is_soft_target", "cross_entropy_and_accuracy", "retrieval_loss",
+           "TaskAndRetrievalLoss", "masked_lm_loss", "replaced_token_loss", "clip_contrastive_loss", "mixed_labels",
+           "ConcatPlexerLoss", "MultiInputLoss"]
+
+
+def is_soft_target(logits: Tensor, labels: Tensor) -> bool:
+    """Whether ``labels`` are soft targets for ``logits``: floating-point, of the logits' shape ``(..., C)``
+    with C >= 2 (a probability per class, e.g. Mixup/CutMix labels from ``data_utils.MixupCollate``)."""
+    return labels.is_floating_point() and logits.shape[-1] >= 2 and tuple(labels.shape) == tuple(logits.shape)
+
+
+def _soft_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean over every position of ``-sum_c labels_c log softmax(logits)_c``; ``(..., C)`` both."""
+    return nn.functional.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(0, -2).float())
+
+
+def _refuse_misshapen_soft_labels(logits: Tensor, labels: Tensor) -> None:
+    """A clear error for floating-point labels ``(..., K)`` beside logits ``(..., C)`` with K != C."""
+    if labels.is_floating_point() and labels.dim() == logits.dim() and labels.dim() >= 2 \
+            and labels.shape[:-1] == logits.shape[:-1] and labels.shape[-1] != logits.shape[-1]:
+        raise ValueError(f"soft labels (probabilities over classes) need logits of their shape: labels "
+                         f"{tuple(labels.shape)}, logits {tuple(logits.shape)}; e.g. data_utils.MixupCollate's "
+                         "num_classes must be the model's number of classes")
 
 
 def classification_loss(model: nn.Module, batch, n: int) -> Tensor:
@@ -31,11 +51,18 @@ def classification_loss(model: nn.Module, batch, n: int) -> Tensor:
     One label per example (logits ``(M, C)``) or per token (logits ``(M, L, C)``, labels
     ``(M, L)`` with ``IGNORE_INDEX`` where nothing is scored). The copies that pad the last
     tuple of a batch are dropped before the loss, so every example counts once.
+    Soft targets (floating-point labels of the logits' shape ``(M, C)`` or ``(M, L, C)``, C >= 2,
+    e.g. Mixup/CutMix labels from ``data_utils.MixupCollate``) get the cross-entropy with
+    probability targets, averaged over every example (or position: nothing is ignored); a one-hot
+    soft target gives the loss of its integer label.
     A regression (floating-point labels ``(M,)``, logits ``(M, 1)``, e.g. STS-B) gets the
     mean squared error instead.
     """
     inputs, labels = split_batch(batch)
     logits = logits_of(multiplexed_forward(model, inputs, n))
+    if is_soft_target(logits, labels):
+        return _soft_cross_entropy(logits, labels)
+    _refuse_misshapen_soft_labels(logits, labels)
     if labels.is_floating_point():
         if logits.shape[-1] != 1 or logits.shape[:-1] != labels.shape:
             raise ValueError(f"a regression (floating-point labels {tuple(labels.shape)}) needs logits of shape "
@@ -48,8 +75,18 @@ def cross_entropy_and_accuracy(logits: Tensor, labels: Tensor) -> tuple[Tensor, 
     """Mean cross-entropy and accuracy over the scored positions (label != ``IGNORE_INDEX``).
 
     ``logits`` ``(..., C)``, ``labels`` ``logits.shape[:-1]``. The accuracy is detached: it is
-    logged, not trained on.
+    logged, not trained on. Soft targets (floating-point labels of the logits' shape, e.g. from
+    ``data_utils.MixupCollate``) get the cross-entropy with probability targets over every
+    position, and the accuracy counts a prediction right when it is the target's most probable
+    class (for a Mixup label, the class with the larger share).
     """
+    if is_soft_target(logits, labels):
+        accuracy = (logits.detach().argmax(-1) == labels.argmax(-1)).float().mean()
+        return _soft_cross_entropy(logits, labels), accuracy
+    _refuse_misshapen_soft_labels(logits, labels)
+    if labels.is_floating_point():
+        raise ValueError(f"floating-point labels {tuple(labels.shape)} here must be soft targets of the logits' "
+                         f"shape {tuple(logits.shape)} (a probability per class); class indices must be integers")
     flat_logits, flat_labels = logits.flatten(0, -2).float(), labels.flatten()
     scored = flat_labels != IGNORE_INDEX
     if not bool(scored.any()):
@@ -186,9 +223,16 @@ def mixed_labels(labels: Tensor, n: int, num_classes: int, alpha: float) -> Tens
     The batch is padded and grouped as :func:`mux.multiplexed_forward` pads and groups it; in
     each tuple, instance i's label becomes ``alpha * onehot(y_i) + (1 - alpha) / (N - 1) *
     sum_{n != i} onehot(y_n)`` (:func:`mux.multiplexers.tuple_mixup`). Returns ``(M, num_classes)``.
+    ``labels``: class indices ``(M,)``, or soft labels ``(M, num_classes)`` (e.g. Mixup's), which
+    are mixed in place of the one-hot vectors.
     """
     padded, m = pad_to_multiple(labels, n)
-    onehot = nn.functional.one_hot(padded, num_classes).float()
+    if labels.is_floating_point():
+        if labels.dim() != 2 or labels.shape[-1] != num_classes:
+            raise ValueError(f"soft labels must be (M, num_classes={num_classes}), got {tuple(labels.shape)}")
+        onehot = padded.float()
+    else:
+        onehot = nn.functional.one_hot(padded, num_classes).float()
     return ungroup(tuple_mixup(group(onehot, n), alpha))[:m]
 
 
@@ -203,6 +247,11 @@ class ConcatPlexerLoss:
       (``smoothing_alpha`` of an image's own tokens, the rest shared by the other N - 1)
       against the labels mixed with the same weights (:func:`mixed_labels`), a cross-entropy
       with probability targets. Needs N >= 2.
+
+    Soft labels ``(M, C)`` (Mixup/CutMix from ``data_utils.MixupCollate``) are accepted: ``ce``
+    is then the soft-target cross-entropy (``acc`` against each label's most probable class), and
+    the smoothing term mixes the soft labels within each tuple as it mixes one-hot ones. The teacher
+    of the CLIP term sees the same (mixed) images as the student.
 
     Our reading of eq. 5. The extracted equation shows ``M_i`` (a mix of the N images'
     high-level tokens T_n with weight alpha on T_i and (1 - alpha)/(N - 1) on each other) and
@@ -288,6 +337,12 @@ class MultiInputLoss:
     where training is. Randomness comes from torch's global RNG (seeded, checkpointed and
     restored by ``mux.train``). Logged: ``ce`` (the weighted loss) and ``acc`` (each example
     scored on the input with the largest weight).
+
+    Labels: integer classes, or soft labels ``(B, C)`` from ``data_utils.MixupCollate``. The MixViT
+    paper trains every model, MixViT included, with Mixup/CutMix of the training images as DeiT
+    does; the inputs a MixViT mixes are then already Mixup images, each with its soft label, and
+    each subnetwork's cross-entropy is taken against its own input's soft label (accuracy against
+    that label's most probable class).
     """
 
     MIXINGS = {"token_cutmix": 0.5, "sum": None, "mixmo": 2.0}
@@ -345,6 +400,10 @@ class MultiInputLoss:
             raise ValueError(f"{type(inner).__name__} has {m} subnetwork: mixing needs M >= 2 inputs "
                              "(train the single-input baseline with mux.classification_loss)")
         images, labels = split_batch(batch)
+        soft = labels.is_floating_point()
+        if soft and (labels.dim() != 2 or labels.shape[0] != images.shape[0]):
+            raise ValueError(f"{self!r} takes integer class labels (B,) or soft labels (B, C), got floating-point "
+                             f"labels of shape {tuple(labels.shape)}")
         if images.dim() == 5:  # (B, 1, C, H, W) as evaluation groups them
             images = images[:, 0]
         b = images.shape[0]
@@ -352,12 +411,14 @@ class MultiInputLoss:
         order = order.to(labels.device)
         sources, weights = self.mix(b, m, inner.config)
         logits = model(images[order], sources=sources.to(images.device))  # (B, M, C)
-        targets = labels[order]
-        ce = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view(b, m)
+        targets = labels[order]  # (B, M), or (B, M, C) soft
+        ce = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1).float() if soft
+                                         else targets.flatten(), reduction="none").view(b, m)
         loss = (weights.to(ce.device) * ce).sum(dim=1).mean()
         main = weights.argmax(dim=1).to(labels.device)
         picked = logits.gather(1, main[:, None, None].expand(-1, 1, logits.shape[-1]))[:, 0]
-        accuracy = (picked.argmax(-1) == targets.gather(1, main[:, None])[:, 0]).float().mean().detach()
+        classes = targets.argmax(-1) if soft else targets
+        accuracy = (picked.argmax(-1) == classes.gather(1, main[:, None])[:, 0]).float().mean().detach()
         return {"loss": loss, "ce": loss.detach(), "acc": accuracy}
 
     def __repr__(self) -> str:  # part of a run's identity in its checkpoints: keep it stable
