@@ -35,14 +35,25 @@ def write_metrics(out_dir: str | Path, stem: str, metrics: dict) -> Path:
     _check_jsonable(metrics)
     path = Path(out_dir) / f"{stem}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    _sync_folder(path.parent)
+    atomic_write(path, lambda f: f.write((json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode()))
     return path
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """``write(file)`` into ``path`` whole or not at all: under a temporary name in the same folder, flushed
+    and synced to disk, renamed over ``path``, and the folder synced so that the rename survives a crash.
+    The file is opened in binary mode."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _sync_folder(path.parent)
 
 
 def _sync_folder(folder: Path) -> None:

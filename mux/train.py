@@ -34,6 +34,11 @@ checkpoint cannot be read (a truncated file), training and :func:`load_weights` 
 the previous one with a warning. Ctrl-C (SIGINT) sets a flag that is checked between steps:
 the step in flight completes, a checkpoint is written, then ``KeyboardInterrupt`` is raised;
 a second Ctrl-C stops at once without saving.
+
+Several processes from a notebook. ``TrainConfig(num_processes=K)`` with K > 1, called
+outside a distributed run, trains in K fresh worker processes started under ``torchrun``
+(:mod:`mux.launch`) and loads the result into the caller's model: the same training cell
+runs on one device or on K.
 """
 from __future__ import annotations
 
@@ -90,7 +95,9 @@ STATE_FILE = "trainer_state.json"
 NOT_PART_OF_THE_RUN = ("progress", "description", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume",
                        "eval_every",
                        # replaced by what they resolve to (device type, precision, instances per batch, workers)
-                       "cpu", "mixed_precision", "batch_size", "num_workers")
+                       "cpu", "mixed_precision", "batch_size", "num_workers",
+                       # the run records the number of processes it actually has (1 to K under torchrun)
+                       "num_processes")
 # what a checkpoint that cannot be read raises, depending on which file is damaged
 _UNREADABLE = (OSError, EOFError, RuntimeError, ValueError, KeyError, json.JSONDecodeError, pickle.UnpicklingError,
                SafetensorError)
@@ -137,7 +144,24 @@ class EpochShuffleSampler(Sampler[int]):
 class TrainConfig:
     """Knobs of :func:`train`. ``batch_size`` counts instances per micro-batch and process,
     so a micro-batch holds ``batch_size // N`` multiplexed tuples; one step (one optimiser
-    update) uses ``grad_accum_steps`` micro-batches."""
+    update) uses ``grad_accum_steps`` micro-batches.
+
+    ``num_processes``: K > 1 trains on K GPUs (one process each; K CPU processes with
+    ``cpu=True`` or without a GPU) when :func:`train` is called from a single process, e.g. a
+    notebook: :func:`train` then starts K fresh worker processes with ``python -m
+    torch.distributed.run --nproc_per_node K -m mux.launch <job>``, hands them the model, data,
+    loss and every other argument (pickled with ``cloudpickle``, which copies functions and
+    classes defined in the notebook by value), streams their output into the caller's, and
+    loads the final weights from ``checkpoint_dir`` (required) into the caller's model. Running
+    the same call again resumes, or returns at once if the run has finished. Why not
+    Accelerate's ``notebook_launcher``: it forks the kernel and needs CUDA uninitialised in
+    it, but the course notebooks use the GPU between trainings (evaluation, timing), so
+    forking is not possible; fresh processes under ``torchrun`` work whatever the kernel has
+    done, and are the code path of ``accelerate launch``/``torchrun`` of a script. Under
+    ``torchrun`` or ``accelerate launch`` already, K must equal the number of processes they
+    started (1, the default, accepts any). Not part of the run's identity: the run records the
+    number of processes it has.
+    """
 
     max_steps: int = 500
     batch_size: int = 128
@@ -159,9 +183,10 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # with train(eval_fn=...): evaluate every this many steps (0: only at the end)
     description: str = "train"
+    num_processes: int = 1  # >1: train() starts this many worker processes (GPUs, or CPU processes) itself
 
     def __post_init__(self):
-        for name in ("max_steps", "batch_size", "log_every", "grad_accum_steps", "keep_checkpoints"):
+        for name in ("max_steps", "batch_size", "log_every", "grad_accum_steps", "keep_checkpoints", "num_processes"):
             check_n(getattr(self, name), name=name)
         for name in ("checkpoint_every", "warmup_steps", "num_workers", "eval_every"):
             check_n(getattr(self, name), name=name, minimum=0)
@@ -472,6 +497,38 @@ def _build_loader(data, cfg: TrainConfig, n: int, collate_fn) -> tuple[DataLoade
     return loader, sampler, generator
 
 
+def _run_identity(cfg: TrainConfig, n: int, loader: DataLoader, loss_fn, num_processes: int, device_type: str,
+                  mixed_precision: str) -> dict:
+    """What a checkpoint records of its run, and must match to be resumed (see the module docstring)."""
+    run = {k: v for k, v in asdict(cfg).items() if k not in NOT_PART_OF_THE_RUN}
+    run.update(n=n, instances_per_batch=loader.batch_size, num_workers=loader.num_workers,
+               examples=len(loader.dataset), num_processes=num_processes,
+               device_type=device_type, mixed_precision=mixed_precision,
+               loss_fn=f"{getattr(loss_fn, '__module__', '?')}.{getattr(loss_fn, '__qualname__', repr(loss_fn))}")
+    return run
+
+
+def _refuse_existing(root: Path | None, cfg: TrainConfig) -> list[Path]:
+    """The checkpoints under ``root``; a ValueError if there are some and ``cfg.resume`` is False."""
+    existing = list_checkpoints(root)
+    if existing and not cfg.resume:
+        raise ValueError(
+            f"checkpoint_dir {root} already holds checkpoints ({', '.join(p.name for p in existing)}) and resume=False: "
+            "a new run there would be mixed with the old one. Delete the folder, or choose another checkpoint_dir."
+        )
+    return existing
+
+
+def _world_size() -> int:
+    """The number of processes of the distributed run this process belongs to (1: none)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE") or 1))
+    except ValueError:
+        return 1
+
+
 def train(
     model: nn.Module,
     train_data: Dataset | DataLoader,
@@ -501,8 +558,29 @@ def train(
 
     Resumes from ``cfg.checkpoint_dir`` when it holds a checkpoint of this model and run
     (``cfg.resume``); raises ValueError, naming what differs, when it holds another's.
+
+    ``cfg.num_processes`` K > 1 from a single process: trains in K worker processes started
+    here (see :class:`TrainConfig` and :mod:`mux.launch`); everything passed must then be
+    picklable by ``cloudpickle``. The returned ``model`` is the one passed in, holding the
+    trained weights; the other fields are those of the workers' run.
     """
     check_n(n)
+    if cfg.num_processes > 1:
+        world = _world_size()
+        if world == 1:
+            if accelerator is not None:
+                raise ValueError(f"num_processes={cfg.num_processes} trains in new worker processes, which cannot "
+                                 "use an Accelerator of this one: leave accelerator=None (or num_processes=1)")
+            from .launch import train_in_processes
+
+            return train_in_processes(model, train_data, cfg, n, loss_fn=loss_fn, collate_fn=collate_fn,
+                                      eval_fn=eval_fn)
+        if world != cfg.num_processes:
+            raise ValueError(
+                f"TrainConfig(num_processes={cfg.num_processes}), but this process is one of {world} started by "
+                f"torchrun or accelerate launch: set num_processes={world} (or 1, which accepts what the launcher "
+                f"started), or launch {cfg.num_processes} processes."
+            )
     started = time.perf_counter()
     fingerprint = model_fingerprint(model)
     if accelerator is None:
@@ -511,18 +589,10 @@ def train(
         raise ValueError("the accelerator passed to train() already holds prepared models or optimizers; "
                          "its checkpoints would mix them with this run's")
     root = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
-    existing = list_checkpoints(root)
-    if existing and not cfg.resume:
-        raise ValueError(
-            f"checkpoint_dir {root} already holds checkpoints ({', '.join(p.name for p in existing)}) and resume=False: "
-            "a new run there would be mixed with the old one. Delete the folder, or choose another checkpoint_dir."
-        )
+    existing = _refuse_existing(root, cfg)
     loader, sampler, generator = _build_loader(train_data, cfg, n, collate_fn)
-    run = {k: v for k, v in asdict(cfg).items() if k not in NOT_PART_OF_THE_RUN}
-    run.update(n=n, instances_per_batch=loader.batch_size, num_workers=loader.num_workers,
-               examples=len(loader.dataset), num_processes=accelerator.num_processes,
-               device_type=accelerator.device.type, mixed_precision=accelerator.mixed_precision,
-               loss_fn=f"{getattr(loss_fn, '__module__', '?')}.{getattr(loss_fn, '__qualname__', repr(loss_fn))}")
+    run = _run_identity(cfg, n, loader, loss_fn, accelerator.num_processes, accelerator.device.type,
+                        accelerator.mixed_precision)
 
     seed_everything(cfg.seed, deterministic=cfg.deterministic)
     from timm.optim import param_groups_weight_decay
