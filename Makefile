@@ -11,8 +11,12 @@ PIP_ARGS ?=
 # Extra papermill parameters for `make course`, e.g. PARAMS="-p seed 1"
 PARAMS ?=
 OUT ?= outputs
+# Full-scale runs (README, "Full-scale runs"): a configuration file or folder, the data root, the runs folder
+CONFIG ?= configs
+DATA ?= $(if $(MUX_DATA_ROOT),$(MUX_DATA_ROOT),data)
+RUNS ?= runs
 
-.PHONY: install course test lab notebooks check-notebooks clean
+.PHONY: install course test lab notebooks check-notebooks clean full report
 
 install: $(STAMP)
 
@@ -23,6 +27,14 @@ $(STAMP): pyproject.toml
 
 course: $(STAMP)
 	$(PY) -m mux.course run --notebooks notebooks --out $(OUT) $(PARAMS)
+
+# Run full-scale configurations into $(RUNS)/<name>/ (skips finished runs, resumes interrupted ones)
+full: $(STAMP)
+	$(PY) -m mux.course full $(CONFIG) --data-root $(DATA) --runs $(RUNS) $(PARAMS)
+
+# Every run beside the papers' figures: $(RUNS)/report.md and $(RUNS)/report.png
+report: $(STAMP)
+	$(PY) -m mux.course report --runs $(RUNS)
 
 test: $(STAMP)
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env

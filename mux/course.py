@@ -3,6 +3,9 @@
     python -m mux.course run [--notebooks notebooks] [--out outputs] [-p NAME VALUE]... [-f params.yaml]
     python -m mux.course summary [--out outputs]
     python -m mux.course refresh [--notebooks notebooks]
+    python -m mux.course full CONFIG_OR_FOLDER [--runs runs] [--data-root data] [--smoke] [-p NAME VALUE]... [-y YAML]
+    python -m mux.course report [--runs runs] [--configs configs]
+    python -m mux.course check-configs [--configs configs]
 
 ``run`` executes every ``NN_*.ipynb`` with papermill (in the notebook's folder, as
 JupyterLab would), writes the executed copies to ``<out>/executed/`` and the metrics to
@@ -13,11 +16,16 @@ declares (a misspelt name, usually) stops the run before any notebook executes.
 ``refresh`` re-executes the notebooks in place on their defaults, so that the committed
 copies carry the outputs of their default run, and strips what would only add noise to a
 diff: papermill's timing metadata and finished progress bars.
+
+``full`` runs named full-scale configurations (``configs/*.yaml``) into ``runs/<name>/``, skipping
+finished ones and resuming interrupted ones; ``report`` gathers every run beside the papers'
+figures; ``check-configs`` checks every configuration against its notebook (see :mod:`mux.runs`).
 """
 from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import sys
 import time
 from pathlib import Path
@@ -133,7 +141,24 @@ def main(argv=None) -> int:
     summ.add_argument("--out", default="outputs")
     ref = sub.add_parser("refresh", help="re-execute the notebooks in place on their defaults")
     ref.add_argument("--notebooks", default="notebooks")
+    full = sub.add_parser("full", help="run full-scale configurations (a YAML file or a folder) into runs/<name>/")
+    full.add_argument("target", help="a configuration file, or a folder of them (e.g. configs/)")
+    full.add_argument("--runs", default="runs", help="where runs/<name>/ folders go")
+    full.add_argument("--data-root", default=os.environ.get("MUX_DATA_ROOT", "data"),
+                      help="the folder holding the datasets ({data_root} in a configuration; env MUX_DATA_ROOT)")
+    full.add_argument("--smoke", action="store_true", help="apply each configuration's tiny 'smoke' overrides")
+    full.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
+    full.add_argument("-y", "--yaml", action="append", default=[], help="parameters as YAML, e.g. 'seeds: [0, 1]'")
+    full.add_argument("--list", action="store_true", help="list the configurations and their cost; run nothing")
+    rep = sub.add_parser("report", help="every run's metrics beside the papers' figures (runs/report.md, .png)")
+    rep.add_argument("--runs", default="runs")
+    rep.add_argument("--configs", default="configs")
+    chk = sub.add_parser("check-configs", help="check every configuration against its notebook")
+    chk.add_argument("--configs", default="configs")
     args = parser.parse_args(argv)
+
+    if args.command in ("full", "report", "check-configs"):
+        return _runs_command(args)
 
     if args.command == "refresh":
         refresh(args.notebooks)
@@ -148,6 +173,43 @@ def main(argv=None) -> int:
         print("\nrun time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     metrics = read_metrics(Path(args.out) / "metrics")
     print("\n" + summary_table(metrics))
+    return 0
+
+
+def _runs_command(args) -> int:
+    import yaml
+
+    from . import runs
+
+    try:
+        if args.command == "check-configs":
+            files = runs.config_files(args.configs)
+            for path in files:
+                runs.check_config(runs.load_config(path))
+            print(f"{len(files)} configurations checked against their notebooks: all good")
+        elif args.command == "report":
+            print(runs.report(args.runs, args.configs))
+        elif args.list:
+            configs = [runs.load_config(p) for p in runs.config_files(args.target)]
+            for c in configs:
+                r = c.resources
+                print(f"{c.name:32s} {c.notebook:22s} {r['gpu_hours']:>7} GPU-h  {r['gpu_memory_gb']:>4} GB  "
+                      f"x{r['gpus']}  {'; '.join(c.reproduces)}")
+            print(f"total: {sum(c.resources['gpu_hours'] for c in configs):g} GPU-hours (estimates)")
+        else:
+            overrides = {k: _parse_value(v) for k, v in args.parameter}
+            for text in args.yaml:
+                value = yaml.safe_load(text)
+                if not isinstance(value, dict):
+                    raise runs.ConfigError(f"-y expects 'name: value' YAML, got {text!r}")
+                overrides.update(value)
+            runs.run_configs(args.target, args.runs, args.data_root, args.smoke, overrides)
+    except runs.ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -53,7 +53,7 @@ import typing
 from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError
 
-__all__ = ["ParameterError", "check_parameters"]
+__all__ = ["ParameterError", "check_parameters", "check_value"]
 
 _IPYTHON_NAMES = {"In", "Out", "exit", "quit", "get_ipython"}
 _PLAIN = (bool, int, float, str, list, tuple, dict, set, type(None))
@@ -160,6 +160,17 @@ def _problem(namespace: dict, name: str, tp) -> str | None:
             return f"parameter {name!r} should be a non-empty {_type_name(tp)}, got []{_EMPTY_HINT}"
         return f"parameter {name!r} should be {_type_name(tp)}, got {value!r} ({type(value).__name__}){detail}{hint}"
     return None
+
+
+def check_value(name: str, value, annotation: str, namespace: dict | None = None) -> str | None:
+    """What is wrong with ``value`` for a parameter ``name`` annotated ``annotation`` (a type or its
+    text, such as ``"list[int]"``), by the same strict rules as :func:`check_parameters`; ``None``
+    when it is valid. Used to check a run configuration against a notebook before it executes."""
+    scope = {"typing": typing, "Literal": typing.Literal, "Annotated": typing.Annotated, "Field": Field,
+             "Optional": typing.Optional, "Union": typing.Union}
+    scope.update(namespace or {})
+    scope[name] = value
+    return _problem(scope, name, annotation)
 
 
 def check_parameters(namespace: dict) -> dict:

@@ -1,0 +1,403 @@
+"""Full-scale runs: named configurations of the course notebooks, run with papermill into ``runs/<name>/``.
+
+A configuration is a YAML file in ``configs/``, one per paper table row (or per group of rows
+that one notebook run produces together)::
+
+    notebook: 01_datamux.ipynb            # a course notebook
+    paper: "DataMUX (Murahari et al., NeurIPS 2022)"
+    reproduces: "Figure 3: MLP and CNN on MNIST, accuracy against N"
+    data: {name: MNIST, get: "torchvision downloads it into data_dir"}
+    resources: {gpu_hours: 0.5, gpu_memory_gb: 2, gpus: 1, estimate: "how the numbers were estimated"}
+    parameters: {dataset: mnist, data_dir: "{data_root}/mnist", steps: 20000}
+    smoke: {steps: 3, device: cpu}          # tiny overrides: the same code path in a minute, for CI
+    paper_figures: {source: "...", figures: {mlp_acc_n4: 0.97}}
+    plot: [{label: "ConcatPlexer N=2", accuracy: concatplexer_acc_n2, speed: throughput_ratio_concatplexer_n2}]
+
+String parameters may hold ``{data_root}`` (the folder that holds the datasets, ``--data-root``)
+and ``{runs}`` (the runs folder, so that one run can start from another's output).
+
+:func:`run_config` executes the notebook with papermill into ``runs/<name>/``: the executed
+notebook, ``metrics/<stem>.json``, ``checkpoints/`` (the notebook's ``checkpoint_dir``),
+``run.log`` (everything the notebook printed) and ``run.json`` (the run's identity and
+status). Running the same configuration again skips a finished run and resumes an
+interrupted one: the notebook runs again with the same ``checkpoint_dir``, so every model
+already trained is loaded from its final checkpoint and one killed mid-way resumes from its
+newest checkpoint (``mux.train``'s exact resume). A folder that holds another
+configuration's run, or the same configuration with other parameters, is refused.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import difflib
+import json
+import math
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .params import check_value
+from .reporting import atomic_write
+
+__all__ = ["ConfigError", "RunConfig", "load_config", "config_files", "check_config", "resolve_parameters",
+           "run_config", "run_configs", "report", "ROOT", "CONFIGS", "NOTEBOOKS"]
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+NOTEBOOKS = ROOT / "notebooks"
+# set by the runner itself: a configuration that sets them is refused
+RESERVED = ("out_dir", "checkpoint_dir")
+TOP_LEVEL = {"notebook": str, "paper": str, "reproduces": (str, list), "data": dict, "resources": dict,
+             "parameters": dict, "smoke": dict, "paper_figures": dict, "plot": list, "notes": str}
+REQUIRED = ("notebook", "paper", "reproduces", "data", "resources", "parameters")
+RESOURCES = {"gpu_hours": (int, float), "gpu_memory_gb": (int, float), "gpus": int, "estimate": str}
+PLACEHOLDER = re.compile(r"\{(data_root|runs)\}")
+
+
+class ConfigError(ValueError):
+    """A configuration is malformed, names something that does not exist, or clashes with a run."""
+
+
+@dataclass
+class RunConfig:
+    name: str
+    path: Path
+    notebook: str
+    paper: str
+    reproduces: list[str]
+    data: dict
+    resources: dict
+    parameters: dict
+    smoke: dict = field(default_factory=dict)
+    paper_figures: dict = field(default_factory=dict)
+    plot: list = field(default_factory=list)
+    notes: str = ""
+
+
+def config_files(target: str | Path) -> list[Path]:
+    """A configuration file, or every ``*.yaml`` in a folder (sorted); a clear error when there is none."""
+    target = Path(target)
+    if target.is_dir():
+        files = sorted(target.glob("*.yaml"))
+        if not files:
+            raise ConfigError(f"no configuration (*.yaml) in folder '{target}'")
+        return files
+    if not target.is_file():
+        hint = ""
+        if CONFIGS.is_dir():
+            names = [p.stem for p in CONFIGS.glob("*.yaml")]
+            close = difflib.get_close_matches(target.stem, names, n=1)
+            hint = f" (did you mean '{CONFIGS / (close[0] + '.yaml')}'?)" if close else f"; configurations are in '{CONFIGS}'"
+        raise ConfigError(f"configuration '{target}' does not exist{hint}")
+    return [target]
+
+
+def _type_error(where: str, value, expected) -> ConfigError:
+    names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
+    return ConfigError(f"{where} should be {names}, got {value!r} ({type(value).__name__})")
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and check the shape of one configuration file (not yet against its notebook: :func:`check_config`)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of {', '.join(TOP_LEVEL)}, got {type(raw).__name__}")
+    unknown = [k for k in raw if k not in TOP_LEVEL]
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(map(repr, unknown))}; a configuration has "
+                          f"{', '.join(TOP_LEVEL)}")
+    missing = [k for k in REQUIRED if k not in raw]
+    if missing:
+        raise ConfigError(f"{path}: missing key(s) {', '.join(missing)}")
+    for key, expected in TOP_LEVEL.items():
+        if key in raw and not isinstance(raw[key], expected):
+            raise _type_error(f"{path}: {key}", raw[key], expected)
+    for key, expected in RESOURCES.items():
+        value = raw["resources"].get(key)
+        if value is None or isinstance(value, bool) or not isinstance(value, expected):
+            raise _type_error(f"{path}: resources.{key}", value, expected)
+    if raw["resources"]["gpus"] < 1:
+        raise ConfigError(f"{path}: resources.gpus must be >= 1, got {raw['resources']['gpus']}")
+    reproduces = raw["reproduces"] if isinstance(raw["reproduces"], list) else [raw["reproduces"]]
+    return RunConfig(name=path.stem, path=path, notebook=raw["notebook"], paper=raw["paper"], reproduces=reproduces,
+                     data=raw["data"], resources=raw["resources"], parameters=raw["parameters"],
+                     smoke=raw.get("smoke", {}), paper_figures=raw.get("paper_figures", {}), plot=raw.get("plot", []),
+                     notes=raw.get("notes", ""))
+
+
+def _declared(notebook: Path) -> dict:
+    import papermill as pm
+
+    return pm.inspect_notebook(str(notebook))
+
+
+def check_config(config: RunConfig, notebooks: str | Path = NOTEBOOKS, overrides: dict | None = None) -> dict:
+    """Check ``config`` (and ``overrides``) against its notebook: it exists, and every parameter is one
+    the notebook declares, of the declared type. Returns the notebook's declared parameters."""
+    book = Path(notebooks) / config.notebook
+    if not book.is_file():
+        known = sorted(p.name for p in Path(notebooks).glob("[0-9][0-9]_*.ipynb"))
+        close = difflib.get_close_matches(config.notebook, known, n=1)
+        raise ConfigError(f"{config.path}: notebook '{config.notebook}' does not exist in '{notebooks}'"
+                          + (f" (did you mean '{close[0]}'?)" if close else f"; the notebooks are {', '.join(known)}"))
+    declared = _declared(book)
+    problems = []
+    for section, values in (("parameters", config.parameters), ("smoke", config.smoke),
+                            ("overrides", overrides or {})):
+        for name, value in values.items():
+            where = f"{section}.{name}"
+            if name in RESERVED:
+                problems.append(f"{where}: set by the runner (runs/<name>/...); leave it out")
+            elif name not in declared:
+                close = difflib.get_close_matches(name, list(declared), n=1)
+                problems.append(f"{where}: {config.notebook} has no parameter {name!r}"
+                                + (f" (did you mean {close[0]!r}?)" if close else ""))
+            else:
+                problem = check_value(name, _substitute(value, data_root="/data", runs="/runs"),
+                                      declared[name]["inferred_type_name"])
+                if problem:
+                    problems.append(f"{where}: {problem}")
+    for i, entry in enumerate(config.plot):
+        if not isinstance(entry, dict) or set(entry) != {"label", "accuracy", "speed"}:
+            problems.append(f"plot[{i}]: expected {{label, accuracy, speed}} (speed: a metric key, or a number "
+                            f"such as 1.0 for the baseline), got {entry!r}")
+    if problems:
+        raise ConfigError(f"{config.path}:\n  - " + "\n  - ".join(problems))
+    return declared
+
+
+def _substitute(value, **places):
+    if isinstance(value, str):
+        return PLACEHOLDER.sub(lambda m: str(places[m.group(1)]), value)
+    if isinstance(value, list):
+        return [_substitute(v, **places) for v in value]
+    if isinstance(value, dict):
+        return {k: _substitute(v, **places) for k, v in value.items()}
+    return value
+
+
+def resolve_parameters(config: RunConfig, data_root: str | Path, runs: str | Path, smoke: bool = False,
+                       overrides: dict | None = None) -> dict:
+    """The parameters the notebook gets: the configuration's, its smoke overrides (``smoke``), then
+    ``overrides``, placeholders filled with absolute folders (the notebook runs in ``notebooks/``)."""
+    params = dict(config.parameters)
+    if smoke:
+        params.update(config.smoke)
+    params.update(overrides or {})
+    return _substitute(params, data_root=Path(data_root).resolve(), runs=Path(runs).resolve())
+
+
+def _write_json(path: Path, value: dict) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(value, indent=2, sort_keys=True) + "\n").encode()))
+
+
+def _alive(pid: int, host: str) -> bool:
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _devices_present(device: str) -> tuple[int, str]:
+    import torch
+
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.cuda.device_count(), "GPU(s)"
+    return os.cpu_count() or 1, "CPU core(s)"
+
+
+def _check_processes(config: RunConfig, params: dict) -> None:
+    wanted = params.get("num_processes", 1)
+    if isinstance(wanted, int) and wanted > 1:
+        present, what = _devices_present(params.get("device", "auto"))
+        if wanted > present:
+            raise ConfigError(f"{config.name}: num_processes={wanted} asks for more processes than this machine has "
+                              f"{what} ({present}); lower num_processes or run on a machine with {wanted}")
+
+
+def run_config(config: RunConfig, runs: str | Path = "runs", data_root: str | Path = "data", smoke: bool = False,
+               overrides: dict | None = None, notebooks: str | Path = NOTEBOOKS, log=print) -> dict:
+    """Run one configuration into ``<runs>/<name>/``; return its ``run.json`` record.
+
+    A finished run is skipped; an interrupted one (stopped, killed, failed) runs again and resumes
+    from its checkpoints; a folder holding another configuration's run, or the same one with other
+    parameters, raises :class:`ConfigError` before anything runs.
+    """
+    import papermill as pm
+
+    check_config(config, notebooks, overrides)
+    params = resolve_parameters(config, data_root, runs, smoke, overrides)
+    _check_processes(config, params)
+    folder = Path(runs).resolve() / config.name
+    identity = {"config": config.name, "notebook": config.notebook, "smoke": smoke, "parameters": params}
+    record_path = folder / "run.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else None
+    if record is None and folder.is_dir() and any(folder.iterdir()):
+        raise ConfigError(f"'{folder}' is not empty but holds no run.json: not a run of {config.name}; "
+                          f"move it away or choose another --runs folder")
+    if record is not None:
+        if record["identity"] != identity:
+            raise ConfigError(f"'{folder}' holds another run: {_difference(record['identity'], identity)}; "
+                              f"choose another --runs folder, or remove '{folder}' to start again")
+        if record["status"] == "finished":
+            log(f"==> {config.name}: finished on {record['finished']}, skipped (remove '{folder}' to run it again)")
+            return record
+        if record["status"] == "running" and _alive(record.get("pid", -1), record.get("host", "")):
+            raise ConfigError(f"{config.name} is already running in '{folder}' (process {record['pid']} on "
+                              f"{record['host']}); wait for it or stop it first")
+    folder.mkdir(parents=True, exist_ok=True)
+    attempts = (record or {}).get("attempts", 0) + 1
+    record = {"identity": identity, "status": "running", "attempts": attempts, "pid": os.getpid(),
+              "host": socket.gethostname(), "started": _now(), "finished": None,
+              "seconds": (record or {}).get("seconds", 0.0)}
+    _write_json(record_path, record)
+    book = Path(notebooks).resolve() / config.notebook
+    stem = Path(config.notebook).stem
+    full = dict(params, out_dir=str(folder / "metrics"), checkpoint_dir=str(folder / "checkpoints"))
+    log(f"==> {config.name}: {config.notebook} into {folder} (attempt {attempts}; log: {folder / 'run.log'})")
+    started = time.perf_counter()
+    with open(folder / "run.log", "a") as out:
+        out.write(f"\n===== attempt {attempts}, {_now()}, parameters {json.dumps(full, sort_keys=True)}\n")
+        out.flush()
+        try:
+            pm.execute_notebook(str(book), str(folder / config.notebook), parameters=full, cwd=str(book.parent),
+                                kernel_name="python3", progress_bar=False, log_output=False,
+                                stdout_file=out, stderr_file=out)
+        except BaseException as err:
+            record.update(status="failed" if isinstance(err, Exception) else "interrupted", error=str(err)[-2000:],
+                          seconds=record["seconds"] + time.perf_counter() - started)
+            _write_json(record_path, record)
+            raise
+    metrics = folder / "metrics" / f"{stem}.json"
+    if not metrics.is_file():
+        record.update(status="failed", error=f"the notebook finished without writing {metrics}")
+        _write_json(record_path, record)
+        raise RuntimeError(record["error"])
+    record.update(status="finished", finished=_now(), seconds=record["seconds"] + time.perf_counter() - started)
+    record.pop("error", None)
+    _write_json(record_path, record)
+    log(f"    finished in {time.perf_counter() - started:.0f} s: {metrics}")
+    return record
+
+
+def _now() -> str:
+    return _dt.datetime.now().isoformat(timespec="seconds")
+
+
+def _difference(old: dict, new: dict) -> str:
+    if old.get("config") != new.get("config"):
+        return f"configuration {old.get('config')!r}, not {new.get('config')!r}"
+    if old.get("smoke") != new.get("smoke"):
+        return "a smoke run" if old.get("smoke") else "a full run, not a smoke run"
+    a, b = old.get("parameters", {}), new.get("parameters", {})
+    diffs = [f"{k}: {a.get(k, '(unset)')!r} there, {b.get(k, '(unset)')!r} here"
+             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return f"the same configuration with other parameters ({'; '.join(diffs)})"
+
+
+def run_configs(target: str | Path, runs: str | Path = "runs", data_root: str | Path = "data", smoke: bool = False,
+                overrides: dict | None = None, notebooks: str | Path = NOTEBOOKS, log=print) -> dict[str, dict]:
+    """Run one configuration or a folder of them. Every configuration is checked first, so a typo in the
+    tenth stops the run before the first starts; then each runs in turn (a failed one is reported and
+    the others still run). Raises ``RuntimeError`` at the end naming the ones that failed."""
+    configs = [load_config(p) for p in config_files(target)]
+    for config in configs:
+        check_config(config, notebooks, overrides)
+    records, failed = {}, []
+    for config in configs:
+        try:
+            records[config.name] = run_config(config, runs, data_root, smoke, overrides, notebooks, log)
+        except ConfigError:
+            raise
+        except Exception as err:  # noqa: BLE001 - reported below, the other configurations still run
+            failed.append(config.name)
+            log(f"    {config.name} FAILED: {str(err).strip().splitlines()[-1] if str(err).strip() else err!r}")
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(configs)} configuration(s) failed: {', '.join(failed)} "
+                           f"(see runs/<name>/run.log); run the same command again to resume them")
+    return records
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+    return str(value)
+
+
+def report(runs: str | Path = "runs", configs: str | Path = CONFIGS, plot: bool = True) -> str:
+    """Every configuration beside its run's metrics, in Markdown (written to ``<runs>/report.md``), and
+    with ``plot`` a figure of accuracy against speed for the rows that have both (``<runs>/report.png``).
+
+    Each configuration's paper figures are shown beside this course's number for the same metric;
+    a configuration not yet run, or a run not finished, says so. Smoke runs are marked."""
+    runs = Path(runs)
+    lines = ["# Full-scale runs beside the papers", "",
+             "| configuration | reproduces | status | GPU-hours (est.) | hours taken |", "| --- | --- | --- | --- | --- |"]
+    tables, points = [], []
+    for path in config_files(configs):
+        config = load_config(path)
+        record_path = runs / config.name / "run.json"
+        record = json.loads(record_path.read_text()) if record_path.is_file() else None
+        status = "not run" if record is None else record["status"] + (" (smoke)" if record["identity"]["smoke"] else "")
+        taken = "-" if record is None else f"{record.get('seconds', 0) / 3600:.2f}"
+        lines.append(f"| `{config.name}` | {'; '.join(config.reproduces)} | {status} | "
+                     f"{config.resources['gpu_hours']} | {taken} |")
+        metrics_path = runs / config.name / "metrics" / f"{Path(config.notebook).stem}.json"
+        ours = json.loads(metrics_path.read_text()).get("headline", {}) if metrics_path.is_file() else {}
+        figures = config.paper_figures.get("figures", {})
+        if figures or ours:
+            rows = [f"| {key} | {_fmt(paper)} | {_fmt(ours.get(key))} |" for key, paper in figures.items()]
+            if not rows:
+                continue
+            source = config.paper_figures.get("source", config.paper)
+            tables += ["", f"## `{config.name}`", "", f"Paper: {source}. Status: {status}.", "",
+                       "| metric | paper | this run |", "| --- | --- | --- |", *rows]
+        for entry in config.plot:
+            acc = ours.get(entry["accuracy"])
+            speed = entry["speed"] if isinstance(entry["speed"], (int, float)) else ours.get(entry["speed"])
+            if isinstance(acc, (int, float)) and isinstance(speed, (int, float)) and math.isfinite(acc):
+                points.append((config.name, entry["label"], float(speed), float(acc)))
+    text = "\n".join(lines + tables) + "\n"
+    runs.mkdir(parents=True, exist_ok=True)
+    (runs / "report.md").write_text(text)
+    if plot and points:
+        _plot(points, runs / "report.png")
+        text += f"\n![accuracy against speed]({'report.png'})\n"
+        (runs / "report.md").write_text(text)
+    return text
+
+
+def _plot(points, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in sorted({p[0] for p in points}):
+        mine = [p for p in points if p[0] == name]
+        ax.scatter([p[2] for p in mine], [p[3] for p in mine], label=name)
+        for _, label, x, y in mine:
+            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("speed against the one-input model (x)")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

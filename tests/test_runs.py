@@ -1,0 +1,242 @@
+"""Full-scale configurations (``configs/*.yaml``) and their runner, ``mux.runs``.
+
+Every configuration is checked against its notebook here (it exists, and it sets only parameters
+the notebook declares, of the declared types); the runner's bookkeeping (skip a finished run,
+resume an interrupted one, refuse another run's folder) is tested on tiny notebooks written here.
+The configurations' smoke runs on real notebooks are in ``test_smoke_runs.py``.
+"""
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+from mux import runs
+from mux.course import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_FILES = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_there_is_a_configuration_for_every_chapter_with_full_scale_runs():
+    books = {runs.load_config(p).notebook for p in CONFIG_FILES}
+    assert books == {"01_datamux.ipynb", "03_mux_plms.ipynb", "04_vision_mux.ipynb", "05_mixvit.ipynb"}
+    assert len(CONFIG_FILES) >= 18
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
+def test_every_configuration_names_a_notebook_and_only_its_parameters(path):
+    config = runs.load_config(path)
+    declared = runs.check_config(config)
+    assert config.smoke, "every configuration has smoke overrides for CI"
+    assert config.resources["gpu_hours"] > 0 and config.resources["estimate"]
+    for value in (config.data["get"], config.data["name"]):
+        assert isinstance(value, str) and value
+    # a full run writes checkpoints often enough that a kill loses little, and never asserts the default run's claims
+    if "check_claims" in declared:
+        assert config.parameters.get("check_claims") is False
+    assert config.parameters.get("checkpoint_every", 0) > 0
+    for key, value in config.paper_figures.get("figures", {}).items():
+        assert isinstance(value, (int, float)), (key, value)
+
+
+def test_the_command_line_checks_every_configuration(capsys):
+    assert main(["check-configs"]) == 0
+    assert f"{len(CONFIG_FILES)} configurations checked" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- bad configurations
+
+GOOD = {"notebook": "00_first.ipynb", "paper": "A paper", "reproduces": "Table 1",
+        "data": {"name": "none", "get": "nothing to get"},
+        "resources": {"gpu_hours": 0.1, "gpu_memory_gb": 1, "gpus": 1, "estimate": "a guess"},
+        "parameters": {"seed": 3}, "smoke": {"steps": 1}}
+
+
+def write_notebook(folder, name, parameters):
+    """A notebook whose parameters cell declares ``parameters`` (name -> (type, default)) plus out_dir and
+    checkpoint_dir; it writes its metrics, and a checkpoint file counting how often it ran."""
+    lines = [f"{p}: {t} = {d!r}  # help: {p}" for p, (t, d) in parameters.items()]
+    lines += ['out_dir: str = "outputs"  # help: metrics', 'checkpoint_dir: str = ""  # help: checkpoints']
+    body = f"""
+import json, pathlib
+ck = pathlib.Path(checkpoint_dir); ck.mkdir(parents=True, exist_ok=True)
+runs_so_far = len(list(ck.glob("ran-*")))
+(ck / f"ran-{{runs_so_far}}").write_text("")
+if {'fail' in parameters} and globals().get("fail"):
+    raise RuntimeError("asked to fail")
+pathlib.Path(out_dir).mkdir(parents=True, exist_ok=True)
+pathlib.Path(out_dir, "{name}.json").write_text(json.dumps({{"headline": {{"acc_n2": 0.5, "speed_n2": 1.9, "seed": seed}}}}))
+"""
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_markdown_cell(f"# {name}"),
+        nbformat.v4.new_code_cell("\n".join(lines), metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(body)])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, str(folder / f"{name}.ipynb"))
+
+
+@pytest.fixture
+def course(tmp_path):
+    books = tmp_path / "notebooks"
+    books.mkdir()
+    write_notebook(books, "00_first", {"seed": ("int", 0), "steps": ("int", 5), "fail": ("bool", False),
+                                       "names": ("list[str]", ["a"]), "data_dir": ("str", "data")})
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    return books, configs
+
+
+def write_config(configs, name, **changes):
+    config = {**GOOD, **changes}
+    path = configs / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(notebook="00_frist.ipynb"), "notebook '00_frist.ipynb' does not exist in"),
+    (dict(parameters={"sead": 1}), "parameters.sead: 00_first.ipynb has no parameter 'sead' (did you mean 'seed'?)"),
+    (dict(parameters={"seed": "one"}), "parameters.seed: parameter 'seed' should be int, got 'one'"),
+    (dict(parameters={"names": "a"}), "parameter 'names' should be list[str], got 'a'"),
+    (dict(smoke={"steps": 1.5}), "smoke.steps: parameter 'steps' should be int, got 1.5"),
+    (dict(parameters={"out_dir": "x"}), "parameters.out_dir: set by the runner"),
+    (dict(resources={"gpu_hours": "a lot", "gpu_memory_gb": 1, "gpus": 1, "estimate": "?"}),
+     "resources.gpu_hours should be int or float, got 'a lot'"),
+    (dict(reproducess="typo"), "unknown key(s) 'reproducess'"),
+    (dict(plot=[{"label": "x", "accuracy": "acc_n2"}]), "plot[0]: expected {label, accuracy, speed}"),
+])
+def test_a_bad_configuration_is_refused_with_a_message_naming_the_problem(course, changes, message):
+    books, configs = course
+    with pytest.raises(runs.ConfigError) as err:
+        runs.check_config(runs.load_config(write_config(configs, "bad", **changes)), books)
+    assert message in str(err.value)
+
+
+def test_missing_keys_and_files_are_named(course, tmp_path):
+    books, configs = course
+    path = configs / "short.yaml"
+    path.write_text("notebook: 00_first.ipynb\n")
+    with pytest.raises(runs.ConfigError, match="missing key\\(s\\) paper, reproduces, data, resources, parameters"):
+        runs.load_config(path)
+    with pytest.raises(runs.ConfigError, match="does not exist"):
+        runs.config_files(tmp_path / "nothing.yaml")
+    with pytest.raises(runs.ConfigError, match="did you mean .*datamux_mnist.yaml"):
+        runs.config_files("configs/datamux_mnsit.yaml")
+
+
+def test_one_bad_configuration_in_a_folder_stops_the_run_before_any_starts(course, tmp_path):
+    books, configs = course
+    write_config(configs, "a_good")
+    write_config(configs, "b_bad", parameters={"stepz": 1})
+    with pytest.raises(runs.ConfigError, match="stepz"):
+        runs.run_configs(configs, tmp_path / "runs", notebooks=books)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_more_processes_than_devices_are_refused(course, tmp_path, monkeypatch):
+    books, configs = course
+    config = runs.load_config(write_config(configs, "big"))
+    monkeypatch.setattr(runs, "_devices_present", lambda device: (2, "CPU core(s)"))
+    with pytest.raises(runs.ConfigError, match="num_processes=4 asks for more processes than this machine has CPU "
+                                               "core\\(s\\) \\(2\\)"):
+        runs._check_processes(config, {"num_processes": 4})
+    runs._check_processes(config, {"num_processes": 2})
+
+
+# ---------------------------------------------------------------- runs: skip, resume, refuse
+
+@pytest.mark.notebook
+def test_a_run_is_written_skipped_when_finished_and_resumed_when_interrupted(course, tmp_path):
+    books, configs = course
+    write_config(configs, "first", parameters={"seed": 3, "data_dir": "{data_root}/x"},
+                 paper_figures={"source": "Table 1", "figures": {"acc_n2": 0.6}},
+                 plot=[{"label": "N=2", "accuracy": "acc_n2", "speed": "speed_n2"}])
+    write_config(configs, "second", parameters={"seed": 4, "fail": True})
+    out = tmp_path / "runs"
+    with pytest.raises(RuntimeError, match="1 of 2 configuration\\(s\\) failed: second"):
+        runs.run_configs(configs, out, data_root=tmp_path / "d", notebooks=books)
+    folder = out / "first"
+    record = json.loads((folder / "run.json").read_text())
+    assert record["status"] == "finished" and record["identity"]["parameters"]["data_dir"] == str(tmp_path / "d" / "x")
+    assert (folder / "00_first.ipynb").is_file() and (folder / "run.log").is_file()
+    assert json.loads((folder / "metrics" / "00_first.json").read_text())["headline"]["seed"] == 3
+    assert json.loads((out / "second" / "run.json").read_text())["status"] == "failed"
+    assert "asked to fail" in (out / "second" / "run.log").read_text() or "asked to fail" in \
+        json.loads((out / "second" / "run.json").read_text())["error"]
+
+    # again: the finished one is skipped (its notebook does not run), the failed one runs again into its folder
+    with pytest.raises(RuntimeError):
+        runs.run_configs(configs, out, data_root=tmp_path / "d", notebooks=books)
+    assert len(list((folder / "checkpoints").glob("ran-*"))) == 1
+    assert len(list((out / "second" / "checkpoints").glob("ran-*"))) == 2
+    assert json.loads((out / "second" / "run.json").read_text())["attempts"] == 2
+
+    # the report: the paper's figure beside ours, the figure of accuracy against speed
+    text = runs.report(out, configs)
+    assert "| acc_n2 | 0.600 | 0.500 |" in text and "| `second` |" in text and "failed" in text
+    assert (out / "report.md").read_text() == text and (out / "report.png").stat().st_size > 1000
+
+
+@pytest.mark.notebook
+def test_a_folder_holding_another_run_is_refused(course, tmp_path):
+    books, configs = course
+    config = runs.load_config(write_config(configs, "first"))
+    out = tmp_path / "runs"
+    runs.run_config(config, out, data_root=tmp_path, notebooks=books)
+    with pytest.raises(runs.ConfigError, match="holds another run: the same configuration with other parameters "
+                                               "\\(seed: 3 there, 5 here\\)"):
+        runs.run_config(config, out, data_root=tmp_path, overrides={"seed": 5}, notebooks=books)
+    with pytest.raises(runs.ConfigError, match="holds another run: a full run, not a smoke run"):
+        runs.run_config(config, out, data_root=tmp_path, smoke=True, notebooks=books)
+    # a folder of that name that is not a run at all
+    (out / "other").mkdir()
+    (out / "other" / "notes.txt").write_text("mine")
+    other = runs.load_config(write_config(configs, "other"))
+    with pytest.raises(runs.ConfigError, match="holds no run.json"):
+        runs.run_config(other, out, data_root=tmp_path, notebooks=books)
+
+
+def test_a_run_still_going_is_not_started_twice(course, tmp_path):
+    import os
+    import socket
+
+    books, configs = course
+    config = runs.load_config(write_config(configs, "first"))
+    folder = tmp_path / "runs" / "first"
+    folder.mkdir(parents=True)
+    identity = {"config": "first", "notebook": "00_first.ipynb", "smoke": False,
+                "parameters": runs.resolve_parameters(config, tmp_path, tmp_path / "runs")}
+    (folder / "run.json").write_text(json.dumps({"identity": identity, "status": "running", "pid": os.getpid(),
+                                                 "host": socket.gethostname(), "attempts": 1}))
+    with pytest.raises(runs.ConfigError, match="already running"):
+        runs.run_config(config, tmp_path / "runs", data_root=tmp_path, notebooks=books)
+
+
+def test_a_torchvision_dataset_is_exported_as_an_image_folder(tmp_path, monkeypatch):
+    import sys
+
+    import torchvision
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import export_image_folder
+
+    class FakeCIFAR:  # torchvision's CIFAR100 interface: classes, targets, (PIL image, label) items
+        def __init__(self, root, train, download):
+            self.classes = ["apple", "aquarium_fish"]
+            self.targets = [0, 1, 1] if train else [1, 0]
+
+        def __len__(self):
+            return len(self.targets)
+
+        def __getitem__(self, i):
+            return Image.new("RGB", (32, 32), (40 * i, 0, 0)), self.targets[i]
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", FakeCIFAR)
+    assert export_image_folder.export("cifar100", tmp_path / "c100", tmp_path) == {"train": 3, "val": 2}
+    from data_utils import image_folder
+
+    splits = image_folder(tmp_path / "c100", image_size=32)
+    assert splits.class_names == ["apple", "aquarium_fish"] and splits.sizes() == {"train": 3, "val": 0, "test": 2}
