@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     ref.add_argument("--notebooks", default="notebooks")
     full = sub.add_parser("full", help="run full-scale configurations (a YAML file or a folder) into runs/<name>/")
     full.add_argument("target", help="a configuration file, or a folder of them (e.g. configs/)")
-    full.add_argument("--runs", default="runs", help="where runs/<name>/ folders go")
+    full.add_argument("--runs", default=None, help="where runs/<name>/ folders go (default: runs, or runs/smoke with --smoke)")
     full.add_argument("--data-root", default=os.environ.get("MUX_DATA_ROOT", "data"),
                       help="the folder holding the datasets ({data_root} in a configuration; env MUX_DATA_ROOT)")
     full.add_argument("--smoke", action="store_true", help="apply each configuration's tiny 'smoke' overrides")
@@ -152,9 +152,9 @@ def main(argv=None) -> int:
     full.add_argument("--list", action="store_true", help="list the configurations and their cost; run nothing")
     rep = sub.add_parser("report", help="every run's metrics beside the papers' figures (runs/report.md, .png)")
     rep.add_argument("--runs", default="runs")
-    rep.add_argument("--configs", default="configs")
+    rep.add_argument("--configs", default=None, help="the configurations (default: the repository's configs/)")
     chk = sub.add_parser("check-configs", help="check every configuration against its notebook")
-    chk.add_argument("--configs", default="configs")
+    chk.add_argument("--configs", default=None, help="the configurations (default: the repository's configs/)")
     args = parser.parse_args(argv)
 
     if args.command in ("full", "report", "check-configs"):
@@ -183,12 +183,12 @@ def _runs_command(args) -> int:
 
     try:
         if args.command == "check-configs":
-            files = runs.config_files(args.configs)
+            files = runs.config_files(args.configs or runs.CONFIGS)
             for path in files:
                 runs.check_config(runs.load_config(path))
             print(f"{len(files)} configurations checked against their notebooks: all good")
         elif args.command == "report":
-            print(runs.report(args.runs, args.configs))
+            print(runs.report(args.runs, args.configs or runs.CONFIGS))
         elif args.list:
             configs = [runs.load_config(p) for p in runs.config_files(args.target)]
             for c in configs:
@@ -203,7 +203,8 @@ def _runs_command(args) -> int:
                 if not isinstance(value, dict):
                     raise runs.ConfigError(f"-y expects 'name: value' YAML, got {text!r}")
                 overrides.update(value)
-            runs.run_configs(args.target, args.runs, args.data_root, args.smoke, overrides)
+            folder = args.runs or ("runs/smoke" if args.smoke else "runs")
+            runs.run_configs(args.target, folder, args.data_root, args.smoke, overrides)
     except runs.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -195,12 +195,25 @@ def resolve_parameters(config: RunConfig, data_root: str | Path, runs: str | Pat
     return _substitute(params, data_root=Path(data_root).resolve(), runs=Path(runs).resolve())
 
 
+def needs(config: RunConfig) -> list[str]:
+    """The runs this configuration starts from: the other names in its ``{runs}/<name>/...`` parameters (its
+    own name there is a folder of its own run, such as where it saves its stages)."""
+    found = set()
+    for value in [*config.parameters.values(), *config.smoke.values()]:
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                found.update(re.findall(r"\{runs\}/([^/]+)", text))
+    return sorted(found - {config.name})
+
+
 def _write_json(path: Path, value: dict) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(value, indent=2, sort_keys=True) + "\n").encode()))
 
 
 def _alive(pid: int, host: str) -> bool:
-    if host != socket.gethostname():
+    """Whether the process that wrote a run's record may still be running it: on this host only (a record from
+    another host is taken as stopped; several machines must not run one configuration into one folder)."""
+    if host != socket.gethostname() or pid == os.getpid():
         return False
     try:
         os.kill(pid, 0)
@@ -241,8 +254,16 @@ def run_config(config: RunConfig, runs: str | Path = "runs", data_root: str | Pa
     check_config(config, notebooks, overrides)
     params = resolve_parameters(config, data_root, runs, smoke, overrides)
     _check_processes(config, params)
+    for needed in needs(config):
+        other = Path(runs) / needed / "run.json"
+        status = json.loads(other.read_text()) if other.is_file() else None
+        if status is None or status["status"] != "finished" or status["identity"]["smoke"] != smoke:
+            raise ConfigError(f"{config.name} starts from the output of {needed}, which has not finished in "
+                              f"'{Path(runs) / needed}'" + (" (as a smoke run)" if smoke else "") + f"; run {needed} first")
     folder = Path(runs).resolve() / config.name
-    identity = {"config": config.name, "notebook": config.notebook, "smoke": smoke, "parameters": params}
+    # the run's identity keeps {data_root} and {runs} as written, so moved data or runs folders still resume
+    identity = {"config": config.name, "notebook": config.notebook, "smoke": smoke,
+                "parameters": {**config.parameters, **(config.smoke if smoke else {}), **(overrides or {})}}
     record_path = folder / "run.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else None
     if record is None and folder.is_dir() and any(folder.iterdir()):
@@ -316,19 +337,36 @@ def run_configs(target: str | Path, runs: str | Path = "runs", data_root: str | 
     configs = [load_config(p) for p in config_files(target)]
     for config in configs:
         check_config(config, notebooks, overrides)
+    configs = _in_order(configs)
     records, failed = {}, []
     for config in configs:
         try:
             records[config.name] = run_config(config, runs, data_root, smoke, overrides, notebooks, log)
-        except ConfigError:
-            raise
         except Exception as err:  # noqa: BLE001 - reported below, the other configurations still run
+            if len(configs) == 1 and isinstance(err, ConfigError):
+                raise
             failed.append(config.name)
-            log(f"    {config.name} FAILED: {str(err).strip().splitlines()[-1] if str(err).strip() else err!r}")
+            text = str(err).strip() or repr(err)
+            log(f"    {config.name} FAILED: {text if isinstance(err, ConfigError) else text.splitlines()[-1]}")
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(configs)} configuration(s) failed: {', '.join(failed)} "
                            f"(see runs/<name>/run.log); run the same command again to resume them")
     return records
+
+
+def _in_order(configs: list[RunConfig]) -> list[RunConfig]:
+    """Configurations sorted so that each comes after the runs it starts from (when they are among them)."""
+    names = {c.name for c in configs}
+    done, ordered, pending = set(), [], list(configs)
+    while pending:
+        ready = [c for c in pending if all(n in done or n not in names for n in needs(c))]
+        if not ready:  # a cycle: keep the rest as they are, each will say what it misses
+            ready = pending[:1]
+        for c in ready:
+            ordered.append(c)
+            done.add(c.name)
+            pending.remove(c)
+    return ordered
 
 
 def _fmt(value) -> str:
@@ -347,7 +385,8 @@ def report(runs: str | Path = "runs", configs: str | Path = CONFIGS, plot: bool 
     a configuration not yet run, or a run not finished, says so. Smoke runs are marked."""
     runs = Path(runs)
     lines = ["# Full-scale runs beside the papers", "",
-             "| configuration | reproduces | status | GPU-hours (est.) | hours taken |", "| --- | --- | --- | --- | --- |"]
+             "| configuration | reproduces | status | GPU-hours (est.) | hours taken (wall, finished attempts) |",
+             "| --- | --- | --- | --- | --- |"]
     tables, points = [], []
     for path in config_files(configs):
         config = load_config(path)
@@ -360,10 +399,9 @@ def report(runs: str | Path = "runs", configs: str | Path = CONFIGS, plot: bool 
         metrics_path = runs / config.name / "metrics" / f"{Path(config.notebook).stem}.json"
         ours = json.loads(metrics_path.read_text()).get("headline", {}) if metrics_path.is_file() else {}
         figures = config.paper_figures.get("figures", {})
-        if figures or ours:
+        if figures or ours:  # the paper's figures first, beside ours; then every other metric of the run
             rows = [f"| {key} | {_fmt(paper)} | {_fmt(ours.get(key))} |" for key, paper in figures.items()]
-            if not rows:
-                continue
+            rows += [f"| {key} | - | {_fmt(value)} |" for key, value in ours.items() if key not in figures]
             source = config.paper_figures.get("source", config.paper)
             tables += ["", f"## `{config.name}`", "", f"Paper: {source}. Status: {status}.", "",
                        "| metric | paper | this run |", "| --- | --- | --- |", *rows]

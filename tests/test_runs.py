@@ -159,7 +159,8 @@ def test_a_run_is_written_skipped_when_finished_and_resumed_when_interrupted(cou
         runs.run_configs(configs, out, data_root=tmp_path / "d", notebooks=books)
     folder = out / "first"
     record = json.loads((folder / "run.json").read_text())
-    assert record["status"] == "finished" and record["identity"]["parameters"]["data_dir"] == str(tmp_path / "d" / "x")
+    assert record["status"] == "finished" and record["identity"]["parameters"]["data_dir"] == "{data_root}/x"
+    assert str(tmp_path / "d" / "x") in (folder / "run.log").read_text()  # what the notebook got
     assert (folder / "00_first.ipynb").is_file() and (folder / "run.log").is_file()
     assert json.loads((folder / "metrics" / "00_first.json").read_text())["headline"]["seed"] == 3
     assert json.loads((out / "second" / "run.json").read_text())["status"] == "failed"
@@ -201,17 +202,66 @@ def test_a_folder_holding_another_run_is_refused(course, tmp_path):
 def test_a_run_still_going_is_not_started_twice(course, tmp_path):
     import os
     import socket
+    import subprocess
 
     books, configs = course
     config = runs.load_config(write_config(configs, "first"))
     folder = tmp_path / "runs" / "first"
     folder.mkdir(parents=True)
-    identity = {"config": "first", "notebook": "00_first.ipynb", "smoke": False,
-                "parameters": runs.resolve_parameters(config, tmp_path, tmp_path / "runs")}
-    (folder / "run.json").write_text(json.dumps({"identity": identity, "status": "running", "pid": os.getpid(),
-                                                 "host": socket.gethostname(), "attempts": 1}))
-    with pytest.raises(runs.ConfigError, match="already running"):
-        runs.run_config(config, tmp_path / "runs", data_root=tmp_path, notebooks=books)
+    identity = {"config": "first", "notebook": "00_first.ipynb", "smoke": False, "parameters": config.parameters}
+    other = subprocess.Popen(["sleep", "60"])  # the process that wrote the record, still alive
+    try:
+        record = {"identity": identity, "status": "running", "pid": other.pid, "host": socket.gethostname(), "attempts": 1}
+        (folder / "run.json").write_text(json.dumps(record))
+        with pytest.raises(runs.ConfigError, match=f"already running .*process {other.pid}"):
+            runs.run_config(config, tmp_path / "runs", data_root=tmp_path, notebooks=books)
+        # a record left by this very process (a restart that reused its number) is not a run still going
+        (folder / "run.json").write_text(json.dumps(dict(record, pid=os.getpid())))
+        assert not runs._alive(os.getpid(), socket.gethostname())
+    finally:
+        other.kill()
+
+
+@pytest.mark.notebook
+def test_a_folder_of_configurations_runs_in_order_and_one_problem_stops_only_its_own(course, tmp_path, monkeypatch):
+    books, configs = course
+    # "a_second" starts from "b_first"'s output, so it runs after it although it sorts before it
+    write_config(configs, "a_second", parameters={"seed": 1, "data_dir": "{runs}/b_first/checkpoints"})
+    write_config(configs, "b_first", parameters={"seed": 2})
+    write_config(configs, "c_big", parameters={"seed": 3})
+    assert runs.needs(runs.load_config(configs / "a_second.yaml")) == ["b_first"]
+    assert runs.needs(runs.load_config(ROOT / "configs" / "mux_plms_base_glue_mid_n5.yaml")) == ["mux_plms_base_pretrain_n5"]
+    assert runs.needs(runs.load_config(ROOT / "configs" / "mux_plms_base_pretrain_n5.yaml")) == []  # its own stages
+    monkeypatch.setattr(runs, "_check_processes", lambda config, params: (_ for _ in ()).throw(
+        runs.ConfigError("too many processes")) if config.name == "c_big" else None)
+    lines = []
+    with pytest.raises(RuntimeError, match="1 of 3 configuration\\(s\\) failed: c_big"):
+        runs.run_configs(configs, tmp_path / "runs", data_root=tmp_path, notebooks=books, log=lines.append)
+    started = [line.split(":")[0] for line in lines if line.startswith("==> ")]
+    assert started == ["==> b_first", "==> a_second"] and "c_big FAILED: too many processes" in "\n".join(lines)
+    # a run that starts from one not finished is refused
+    (tmp_path / "runs" / "b_first" / "run.json").unlink()
+    (tmp_path / "runs" / "b_first" / "notes").write_text("")
+    with pytest.raises(runs.ConfigError, match="starts from the output of b_first, which has not finished"):
+        runs.run_config(runs.load_config(configs / "a_second.yaml"), tmp_path / "other", data_root=tmp_path,
+                        notebooks=books)
+
+
+def test_paper_figures_name_the_metrics_the_notebooks_write_for_glue():
+    import re
+
+    from data_utils.glue import GLUE_TASKS
+
+    main = {t: "acc" if spec.main_metric == "accuracy" else spec.main_metric for t, spec in GLUE_TASKS.items()}
+    main["conll"] = "f1"
+    checked = 0
+    for path in CONFIG_FILES:
+        for key in runs.load_config(path).paper_figures.get("figures", {}):
+            m = re.fullmatch(r"(?:bert|mux_bert|mux_electra|mux_bert_contextual|tmux)_([a-z0-9]+)_(\w+)_n\d+", key)
+            if m and m.group(1) in main:
+                assert m.group(2) == main[m.group(1)], (path.name, key, main[m.group(1)])
+                checked += 1
+    assert checked > 50
 
 
 def test_a_torchvision_dataset_is_exported_as_an_image_folder(tmp_path, monkeypatch):
