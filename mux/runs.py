@@ -224,21 +224,17 @@ def _alive(pid: int, host: str) -> bool:
     return True
 
 
-def _devices_present(device: str) -> tuple[int, str]:
-    import torch
-
-    if device in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.cuda.device_count(), "GPU(s)"
-    return os.cpu_count() or 1, "CPU core(s)"
-
-
 def _check_processes(config: RunConfig, params: dict) -> None:
+    """Before the notebook starts: the device check ``mux.train`` makes for ``num_processes`` (mux.launch)."""
     wanted = params.get("num_processes", 1)
     if isinstance(wanted, int) and wanted > 1:
-        present, what = _devices_present(params.get("device", "auto"))
-        if wanted > present:
-            raise ConfigError(f"{config.name}: num_processes={wanted} asks for more processes than this machine has "
-                              f"{what} ({present}); lower num_processes or run on a machine with {wanted}")
+        from .launch import check_devices
+        from .train import TrainConfig
+
+        try:
+            check_devices(TrainConfig(num_processes=wanted, cpu=params.get("device", "auto") == "cpu"))
+        except ValueError as err:
+            raise ConfigError(f"{config.name}: {err}") from err
 
 
 def run_config(config: RunConfig, runs: str | Path = "runs", data_root: str | Path = "data", smoke: bool = False,

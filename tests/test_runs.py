@@ -138,9 +138,14 @@ def test_one_bad_configuration_in_a_folder_stops_the_run_before_any_starts(cours
 def test_more_processes_than_devices_are_refused(course, tmp_path, monkeypatch):
     books, configs = course
     config = runs.load_config(write_config(configs, "big"))
-    monkeypatch.setattr(runs, "_devices_present", lambda device: (2, "CPU core(s)"))
-    with pytest.raises(runs.ConfigError, match="num_processes=4 asks for more processes than this machine has CPU "
-                                               "core\\(s\\) \\(2\\)"):
+    import os
+
+    import torch
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(runs.ConfigError, match="big: num_processes=4 asks for 4 CPU processes, but this machine has "
+                                               "2 CPU cores"):
         runs._check_processes(config, {"num_processes": 4})
     runs._check_processes(config, {"num_processes": 2})
 
