@@ -74,6 +74,8 @@ def run_course(notebooks: str | Path, out: str | Path, parameters: dict | None =
     """
     import papermill as pm
 
+    from .runner import execute_notebook
+
     out = Path(out).resolve()
     books = course_notebooks(notebooks)
     if only:
@@ -89,10 +91,7 @@ def run_course(notebooks: str | Path, out: str | Path, parameters: dict | None =
         params.update({k: v for k, v in (parameters or {}).items() if k in declared[book.name]})
         print(f"==> {book.name}  {params}", flush=True)
         started = time.perf_counter()
-        pm.execute_notebook(
-            str(book), str(out / "executed" / book.name), parameters=params,
-            cwd=str(book.parent), kernel_name="python3", progress_bar=False,
-        )
+        execute_notebook(book, out / "executed" / book.name, params, cwd=str(book.parent))
         timings[book.stem] = time.perf_counter() - started
         print(f"    done in {timings[book.stem]:.0f} s", flush=True)
     return timings
@@ -118,11 +117,12 @@ def clean_notebook(nb) -> None:
 def refresh(notebooks: str | Path) -> None:
     """Execute every course notebook in place on its defaults, then clean it."""
     import nbformat
-    import papermill as pm
+
+    from .runner import execute_notebook
 
     for book in course_notebooks(notebooks):
         print(f"==> {book.name}", flush=True)
-        pm.execute_notebook(str(book), str(book), cwd=str(book.parent), kernel_name="python3", progress_bar=False)
+        execute_notebook(book, book, cwd=str(book.parent))
         nb = nbformat.read(str(book), as_version=4)
         clean_notebook(nb)
         nbformat.write(nb, str(book))

@@ -22,7 +22,10 @@ notebook, ``metrics/<stem>.json``, ``checkpoints/`` (the notebook's ``checkpoint
 status). Running the same configuration again skips a finished run and resumes an
 interrupted one: the notebook runs again with the same ``checkpoint_dir``, so every model
 already trained is loaded from its final checkpoint and one killed mid-way resumes from its
-newest checkpoint (``mux.train``'s exact resume). A folder that holds another
+newest checkpoint (``mux.train``'s exact resume). The notebook runs through
+:func:`mux.runner.execute_notebook`, so a kernel whose reply is lost (the kernel idle, the
+client waiting) makes the notebook run once more, resuming the same way, and then fails with a
+message naming the cell, instead of waiting forever. A folder that holds another
 configuration's run, or the same configuration with other parameters, is refused.
 """
 from __future__ import annotations
@@ -245,7 +248,7 @@ def run_config(config: RunConfig, runs: str | Path = "runs", data_root: str | Pa
     from its checkpoints; a folder holding another configuration's run, or the same one with other
     parameters, raises :class:`ConfigError` before anything runs.
     """
-    import papermill as pm
+    from .runner import execute_notebook
 
     check_config(config, notebooks, overrides)
     params = resolve_parameters(config, data_root, runs, smoke, overrides)
@@ -289,10 +292,14 @@ def run_config(config: RunConfig, runs: str | Path = "runs", data_root: str | Pa
     with open(folder / "run.log", "a") as out:
         out.write(f"\n===== attempt {attempts}, {_now()}, parameters {json.dumps(full, sort_keys=True)}\n")
         out.flush()
+        def retrying(line: str) -> None:  # a lost kernel reply: the notebook runs again, resuming its models
+            log(line)
+            out.write(line + "\n")
+            out.flush()
+
         try:
-            pm.execute_notebook(str(book), str(folder / config.notebook), parameters=full, cwd=str(book.parent),
-                                kernel_name="python3", progress_bar=False, log_output=False,
-                                stdout_file=out, stderr_file=out)
+            execute_notebook(book, folder / config.notebook, full, cwd=str(book.parent), log_output=False,
+                             stdout_file=out, stderr_file=out, log=retrying)
         except BaseException as err:
             record.update(status="failed" if isinstance(err, Exception) else "interrupted", error=str(err)[-2000:],
                           seconds=record["seconds"] + time.perf_counter() - started)

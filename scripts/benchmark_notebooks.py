@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/benchmark_notebooks.py [notebooks/01_datamux.ipynb ...]
 
-Runs papermill in a child process and samples the resident memory of the whole process
+Runs the notebook (papermill, through ``mux.runner``) in a child process and samples the resident memory of the whole process
 tree (papermill and its kernel) every 0.1 s. Prints one line per notebook. A measurement,
 not a test: timings depend on the machine and on what else it is doing.
 """
@@ -31,8 +31,10 @@ def tree_rss(proc: psutil.Process) -> int:
 
 def measure(notebook: Path) -> tuple[float, int, int]:
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "papermill", str(notebook), str(Path(tmp) / notebook.name),
-               "--cwd", str(notebook.parent), "-k", "python3", "-p", "out_dir", tmp, "--no-progress-bar"]
+        # the course's own execution path (mux.runner: papermill with the lost-reply watchdog)
+        run = "import sys; from mux.runner import execute_notebook; " \
+              "execute_notebook(sys.argv[1], sys.argv[2], {'out_dir': sys.argv[3]}, cwd=sys.argv[4])"
+        cmd = [sys.executable, "-c", run, str(notebook), str(Path(tmp) / notebook.name), tmp, str(notebook.parent)]
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         ps, peak = psutil.Process(proc.pid), 0

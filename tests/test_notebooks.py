@@ -15,6 +15,7 @@ import papermill as pm
 import pytest
 
 from mux.course import clean_notebook, course_notebooks, main, run_course
+from mux.runner import execute_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = course_notebooks(ROOT / "notebooks")
@@ -29,21 +30,10 @@ TINY = dict(n_values=[1, 3], multiplexers=["orthogonal", "binary_hadamard"], com
             steps=20, batch_size=48, throughput_trials=1, device="cpu")
 
 
-# No cell of these runs takes minutes; a cell that does has lost a kernel message (seen once: a
-# client waiting forever after a widget cell, the kernel idle), and is run once more.
-CELL_TIMEOUT = 600
-
-
 def run(notebook, tmp_path, **parameters):
+    """Execute through the course's path (a lost kernel reply retries once; pytest-timeout bounds the rest)."""
     out = tmp_path / f"executed_{notebook.name}"
-    for attempt in (1, 2):
-        try:
-            pm.execute_notebook(str(notebook), str(out), parameters=parameters, cwd=str(notebook.parent),
-                                kernel_name="python3", progress_bar=False, execution_timeout=CELL_TIMEOUT)
-            break
-        except TimeoutError:  # nbclient's CellTimeoutError
-            if attempt == 2:
-                raise
+    execute_notebook(notebook, out, parameters, cwd=str(notebook.parent))
     return nbformat.read(str(out), as_version=4)
 
 
