@@ -134,10 +134,8 @@ def faults():
 CELLS = ("x = 1", f"print('the marked cell ran')  {MARK}", "print('after it', x)")
 
 
-@pytest.mark.parametrize("kind", ["lose the wake-up", "send over it"])
-def test_plain_papermill_waits_forever_once_the_wake_up_is_lost(tmp_path, faults, kind):
+def test_plain_papermill_waits_forever_once_the_wake_up_is_lost(tmp_path, faults):
     # the stand-in is faithful: today's client, with the reply in its socket, never finishes
-    faults.kind = kind
     book = notebook(tmp_path, *CELLS)
     outcome = {}
 
@@ -237,3 +235,46 @@ def test_reply_watch_tells_a_lost_reply_from_a_busy_kernel(monkeypatch):
     watch.on_receive({"header": {"msg_type": "execute_reply"}, "parent_header": {"msg_id": "a"}, "content": {}})
     watch.check()
     assert watch.sent == {} and watch.idle == {}
+
+
+def test_the_command_line_is_papermills_on_the_course_engine(tmp_path):
+    import subprocess
+    import sys
+
+    book = notebook(tmp_path, "print('ran')")
+    done = subprocess.run([sys.executable, "-m", "mux.runner", str(book), str(tmp_path / "out.ipynb")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert nbformat.read(str(tmp_path / "out.ipynb"), as_version=4).cells[0].outputs[0]["text"] == "ran\n"
+
+
+def _stress_main():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "stress_notebooks", Path(__file__).resolve().parents[1] / "scripts" / "stress_notebooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["/no/such/notebook.ipynb"], "no notebook at '/no/such/notebook.ipynb'"),
+    (["book.ipynb", "--runs", "0"], "must be an integer >= 1, got 0"),
+])
+def test_stress_script_refuses_bad_input(argv, message, capsys):
+    with pytest.raises(SystemExit) as err:
+        _stress_main()(argv)
+    assert err.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_stress_script_counts_a_failing_cell_as_a_failure_not_a_hang(tmp_path):
+    import json
+
+    book = notebook(tmp_path, "raise RuntimeError('this cell fails')")
+    report = tmp_path / "stress.json"
+    assert _stress_main()([str(book), "--runs", "1", "--hang-after", "300", "--json", str(report)]) == 1
+    result = json.loads(report.read_text())
+    assert (result["runs"], result["hangs"], result["failures"]) == (1, 0, 1)
+    assert "this cell fails" in result["errors"][0]
