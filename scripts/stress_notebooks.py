@@ -10,8 +10,10 @@ watchdog and one retry) or through plain papermill (``--engine papermill``, as t
 before its fix). A run that has not finished ``--hang-after`` seconds after it started counts
 as a hang: its worker is killed with its kernel, and a new worker carries on with the runs that
 were left. ``--load`` busy processes keep the cores loaded beside them, since the hang this
-measures showed up only on a busy machine. A run that raises (a failing cell, say) is a
-failure, not a hang. Prints one line per run and a summary, writes
+measures showed up only on a busy machine. A run that raises (a failing cell, say, or a
+reply lost on both attempts of the course's path) is a failure, not a hang; a run that the
+watchdog saves by running the notebook again takes over a minute (its limit), so give such
+measurements a ``--hang-after`` above that. Prints one line per run and a summary, writes
 ``{"runs": R, "hangs": h, "failures": f, "seconds": [...], ...}`` to ``--json``, and exits 1
 if any run hung or failed.
 
@@ -101,10 +103,18 @@ def _start(spec: dict, lines: queue.Queue, slot: int) -> subprocess.Popen:
 
 
 def _kill(proc: subprocess.Popen) -> None:
+    """Kill the worker and everything under it (its kernel runs in a session of its own)."""
+    import psutil
+
     try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the worker and its kernel
-    except ProcessLookupError:
-        pass
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    for pid in [proc.pid, *(p.pid for p in tree)]:
+        try:
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     proc.wait()
 
 
@@ -199,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", choices=("course", "papermill"), default="course",
                         help="the course's execution path (default) or plain papermill")
     parser.add_argument("--poll-slice", type=float, default=1.0,
-                        help="course engine: longest wait on a socket between checks, 0 = the send fix alone")
+                        help="course engine: longest wait on a socket between checks; 0 = the send fix alone "
+                             "(no slices, so no watchdog checks either)")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     parser.add_argument("--json", help="write the counts here")
     parser.add_argument("--write-reproducer", metavar="PATH", help="write the small widget notebook and stop")
@@ -208,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         write_reproducer(Path(args.write_reproducer))
         print(f"wrote {args.write_reproducer}")
         return 0
+    if args.poll_slice < 0:
+        parser.error(f"--poll-slice must be >= 0 seconds, got {args.poll_slice}")
     if not args.notebook:
         parser.error("give a notebook to execute (or --write-reproducer PATH)")
     notebook = Path(args.notebook).resolve()

@@ -11,6 +11,6 @@ from papermill.cli import papermill
 from .execute import ENGINE
 
 if __name__ == "__main__":
-    if "--engine" in sys.argv[1:]:
+    if any(arg == "--engine" or arg.startswith("--engine=") for arg in sys.argv[1:]):
         sys.exit("python -m mux.runner always uses the course's engine; drop --engine")  # papermill would take the last
     papermill.main(args=[*sys.argv[1:], "--engine", ENGINE], prog_name="python -m mux.runner")

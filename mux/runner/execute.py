@@ -2,8 +2,8 @@
 
 Why this exists: the lost wake-up
 ---------------------------------
-Under load, about one papermill run in 30 of a notebook with a ``widgets.interact`` cell used
-to stop for good with the kernel idle (``scripts/stress_notebooks.py`` measures the rate; the
+Under load, about one papermill run in 50 of a notebook with a ``widgets.interact`` cell (3 in
+150) used to stop for good with the kernel idle (``scripts/stress_notebooks.py`` measures the rate; the
 README's "Notebook runs that cannot hang" gives the figures). Caught in the act, the client's
 shell socket held the kernel's ``execute_reply`` (``zmq.EVENTS`` had ``POLLIN``), its file
 descriptor was registered with the event loop, and a poll was waiting on it, yet the loop never
@@ -31,7 +31,7 @@ The fix, in two layers (:class:`CourseChannel`):
   ``poll_slice`` seconds, and each slice ends with a direct check of the socket, so any
   other lost wake-up costs at most one slice.
 
-And a watchdog (:class:`ReplyWatch`): the kernel announces on IOPub when it has finished a
+And a watchdog (:class:`ReplyWatch`), for the replies to cells: the kernel announces on IOPub when it has finished a
 request (``status: idle``, with that request as parent). A cell that is still computing, for
 a minute or a day, is left alone; a request whose kernel went idle ``lost_reply_after`` seconds
 ago without its reply arriving raises :class:`LostReplyError`. :func:`execute_notebook` then
@@ -120,7 +120,10 @@ class CourseChannel(AsyncZMQSocketChannel):
     ``send`` re-reads the socket's events through its asyncio wrapper (pyzmq then wakes a
     waiting poll if a message is there); ``get_msg`` waits at most ``poll_slice`` seconds on
     the socket's file descriptor at a time, checking the :class:`ReplyWatch` between slices.
-    ``poll_slice = 0`` turns the slicing off (the send fix alone, for measurements).
+    ``poll_slice = 0`` turns the slicing off, and with it the watchdog's checks (the send fix
+    alone, for measurements). The watchdog sees a request finish only while IOPub is read, that
+    is while a cell executes; papermill's closing ``kernel_info`` wait is covered by the slices
+    against a lost wake-up, not against a reply that never came.
     """
 
     poll_slice: float = 1.0
@@ -227,7 +230,8 @@ def execute_notebook(notebook: str | Path, output: str | Path, parameters: dict 
     waited for. Every other error (a failing cell, a dead kernel, a cell timeout) is raised as
     papermill raises it, at once. ``papermill_kwargs`` go to papermill (``cwd``,
     ``kernel_name``, ``stdout_file``, ...), and through it to the client, so
-    ``kernel_manager_class`` can replace the kernel manager.
+    ``kernel_manager_class`` can replace the kernel manager (one whose clients are not
+    :class:`CourseKernelClient` loses the fix).
     """
     import papermill as pm
 
