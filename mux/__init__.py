@@ -66,7 +66,9 @@ from .multiplexers import (
     tuple_mixup,
 )
 from .params import ParameterError, check_parameters
-from .reporting import accuracy_verdict, paper_vs_ours, read_metrics, se_of_difference, summary_table, write_metrics
+from .notebook import train_config
+from .reporting import (accuracy_verdict, paper_vs_ours, read_metrics, se_of_difference, summary_table, verdict_margin,
+                        verdict_table, write_metrics)
 from .throughput import count_macs, flops_per_instance, measure_throughput, throughput_ratios
 from .train import (
     TrainConfig,

@@ -7,7 +7,8 @@ import math
 import os
 from pathlib import Path
 
-__all__ = ["write_metrics", "read_metrics", "summary_table", "paper_vs_ours", "se_of_difference", "accuracy_verdict"]
+__all__ = ["write_metrics", "read_metrics", "summary_table", "paper_vs_ours", "se_of_difference", "accuracy_verdict",
+           "verdict_margin", "verdict_table"]
 
 
 def _check_jsonable(value, path="metrics"):
@@ -127,8 +128,35 @@ def accuracy_verdict(a: float, b: float, what_a: str, what_b: str, m: int, sprea
     difference (:func:`se_of_difference`) and ``spread``, a seed-to-seed spread the caller has
     measured (e.g. half the range of accuracies over seeds); otherwise the better one is "ahead".
     """
-    margin = 2 * max(se_of_difference(a, b, m), spread)
+    margin = verdict_margin(a, b, m, spread)
     if abs(a - b) <= margin:
         return f"{what_a} and {what_b} tie ({a:.3f} vs {b:.3f}; the gap is within {margin:.3f})"
     better, worse = (what_a, what_b) if a > b else (what_b, what_a)
     return f"{better} is ahead of {worse} ({max(a, b):.3f} vs {min(a, b):.3f}, a gap above {margin:.3f})"
+
+
+def verdict_margin(a: float, b: float, m: int, spread: float = 0.0) -> float:
+    """The gap two accuracies must exceed to be called different: twice the larger of the standard
+    error of their difference on ``m`` items (:func:`se_of_difference`) and a measured ``spread``."""
+    if not spread >= 0:
+        raise ValueError(f"spread must be a number >= 0, got {spread}")
+    return 2 * max(se_of_difference(a, b, m), spread)
+
+
+def verdict_table(rows, m: int, spread: float = 0.0) -> str:
+    """A markdown table of comparisons, one a row: ``| A | B | gap | margin | verdict |``.
+
+    ``rows``: ``(what_a, a, what_b, b)`` or ``(what_a, a, what_b, b, spread)`` (that row's own
+    spread); accuracies measured on the same ``m`` test items. The verdict is the rule of
+    :func:`accuracy_verdict`: a tie within the margin (:func:`verdict_margin`), else the better one
+    is ahead.
+    """
+    lines = ["| A | B | gap (A - B) | margin | verdict |", "| --- | --- | --- | --- | --- |"]
+    for row in rows:
+        if len(row) not in (4, 5):
+            raise ValueError(f"a comparison is (what_a, a, what_b, b) or (what_a, a, what_b, b, spread), got {row!r}")
+        what_a, a, what_b, b = row[:4]
+        margin = verdict_margin(a, b, m, row[4] if len(row) == 5 else spread)
+        verdict = "tie" if abs(a - b) <= margin else f"{what_a if a > b else what_b} ahead"
+        lines.append(f"| {what_a} {a:.3f} | {what_b} {b:.3f} | {a - b:+.3f} | {margin:.3f} | {verdict} |")
+    return "\n".join(lines)

@@ -164,3 +164,28 @@ def test_accuracy_verdicts_by_hand():
     assert "tie" in mux.accuracy_verdict(0.7, 0.8, "A", "B", 1000, spread=0.06)
     with pytest.raises(ValueError, match="accuracies in"):
         mux.se_of_difference(1.2, 0.5, 10)
+
+
+def test_train_config_takes_the_notebook_budget_and_scale_up_knobs():
+    params = {"steps": 30, "lr": 1e-3, "batch_size": 64, "seed": 4, "device": "cpu", "checkpoint_dir": "ck",
+              "checkpoint_every": 5, "num_processes": 1, "grad_accum_steps": 2, "num_workers": 0,
+              "mixed_precision": "no", "unrelated": "x"}
+    cfg = mux.train_config(params, "vit_n2", warmup_steps=3, seed=7)
+    assert (cfg.max_steps, cfg.lr, cfg.batch_size, cfg.seed, cfg.warmup_steps) == (30, 1e-3, 64, 7, 3)
+    assert (cfg.checkpoint_dir, cfg.checkpoint_every, cfg.grad_accum_steps, cfg.description) == ("ck/vit_n2", 5, 2, "vit_n2")
+    assert cfg.cpu and cfg.mixed_precision == "no"
+    assert mux.train_config({**params, "checkpoint_dir": ""}, "a").checkpoint_dir is None
+    with pytest.raises(TypeError, match="not TrainConfig fields"):
+        mux.train_config(params, "a", steps=3)
+    with pytest.raises(ValueError, match="tag"):
+        mux.train_config(params, "a/b")
+
+
+def test_verdict_table_calls_a_tie_within_the_margin():
+    table = mux.verdict_table([("A", 0.90, "B", 0.85), ("C", 0.50, "D", 0.51, 0.02)], m=500)
+    rows = table.splitlines()
+    assert rows[2].endswith("| A ahead |") and rows[3].endswith("| tie |")
+    margin = mux.verdict_margin(0.90, 0.85, 500)
+    assert f"{margin:.3f}" in rows[2] and margin == pytest.approx(2 * mux.se_of_difference(0.90, 0.85, 500))
+    with pytest.raises(ValueError, match="comparison"):
+        mux.verdict_table([("A", 0.9)], m=10)
