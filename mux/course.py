@@ -114,13 +114,16 @@ def clean_notebook(nb) -> None:
             cell.outputs = [o for o in cell.outputs if not _is_progress_bar(o)]
 
 
-def refresh(notebooks: str | Path) -> None:
-    """Execute every course notebook in place on its defaults, then clean it."""
+def refresh(notebooks: str | Path, only: list[str] | None = None) -> None:
+    """Execute every course notebook (or those whose names start with one of ``only``) in place on
+    its defaults, then clean it."""
     import nbformat
 
     from .runner import execute_notebook
 
     for book in course_notebooks(notebooks):
+        if only and not any(book.name.startswith(prefix) for prefix in only):
+            continue
         print(f"==> {book.name}", flush=True)
         execute_notebook(book, book, cwd=str(book.parent))
         nb = nbformat.read(str(book), as_version=4)
@@ -141,6 +144,7 @@ def main(argv=None) -> int:
     summ.add_argument("--out", default="outputs")
     ref = sub.add_parser("refresh", help="re-execute the notebooks in place on their defaults")
     ref.add_argument("--notebooks", default="notebooks")
+    ref.add_argument("--only", nargs="*", help="notebook name prefixes to refresh, e.g. 01")
     full = sub.add_parser("full", help="run full-scale configurations (a YAML file or a folder) into runs/<name>/")
     full.add_argument("target", help="a configuration file, or a folder of them (e.g. configs/)")
     full.add_argument("--runs", default=None, help="where runs/<name>/ folders go (default: runs, or runs/smoke with --smoke)")
@@ -161,7 +165,7 @@ def main(argv=None) -> int:
         return _runs_command(args)
 
     if args.command == "refresh":
-        refresh(args.notebooks)
+        refresh(args.notebooks, args.only)
         return 0
 
     if args.command == "run":
