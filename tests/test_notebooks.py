@@ -1,7 +1,7 @@
 """Notebook-level tests: conventions, papermill runs on non-default parameters, bad parameters.
 
 nbval (``make test`` passes ``--nbval-lax notebooks``) separately runs every notebook on its
-defaults, where the notebooks' own ``assert`` cells check their claims; chapters 02 to 05 also
+defaults, where the notebooks' own ``assert`` cells check their claims; chapters 01 to 05 also
 assert their targets for the default run there (``check_claims``, which the tiny runs turn off).
 The tiny runs of chapters 01, 03, 04 and 05 on full-scale data paths (MNIST files, GLUE and
 CoNLL files, image folders, a CLIP teacher, the MiniLM checkpoint, two processes), with resume,
@@ -27,7 +27,7 @@ MIXVIT = ROOT / "notebooks" / "05_mixvit.ipynb"
 
 # A few seconds of training: the code paths of a full-scale run, not its accuracy.
 TINY = dict(n_values=[1, 3], multiplexers=["orthogonal", "binary_hadamard"], compare_n=3, seeds=[0, 1], width=8,
-            steps=20, batch_size=48, throughput_trials=1, device="cpu")
+            steps=20, batch_size=48, throughput_trials=1, device="cpu", check_claims=False)
 
 
 def run(notebook, tmp_path, **parameters):
@@ -58,20 +58,6 @@ def test_notebook_anatomy(path):
             assert not any(o.get("output_type") == "error" for o in cell.outputs), "stored error output"
     params = pm.inspect_notebook(str(path))
     assert "out_dir" in params and all(p["help"] for p in params.values()), "every parameter has a # help comment"
-
-
-@pytest.mark.notebook
-def test_datamux_default_run_meets_the_chapter_targets(tmp_path):
-    # the course's quality gate for chapter 01 (kept out of the notebook's narrative)
-    run(DATAMUX, tmp_path, out_dir=str(tmp_path))
-    headline = json.loads((tmp_path / "01_datamux.json").read_text())["headline"]
-    for key, target in {"mlp_acc_n1": 0.95, "mlp_acc_n2": 0.90, "mlp_acc_n4": 0.75, "vanilla_mlp_acc": 0.9,
-                        "vanilla_cnn_acc": 0.9, "cnn_acc_n1": 0.9}.items():
-        assert headline[key] >= target, f"{key} = {headline[key]:.3f} < {target}"
-    for name in ("vanilla", "orthogonal", "gaussian_hadamard", "binary_hadamard"):
-        key = f"mlp_{name}_acc_n{1 if name == 'vanilla' else 4}"
-        assert 0 <= headline[key + "_std"] < 0.05 and headline[key] > 0.5, (key, headline[key], headline[key + "_std"])
-    assert all(headline[f"throughput_ratio_n{n}"] > 0 for n in (1, 2, 4, 8))
 
 
 @pytest.mark.notebook
@@ -170,8 +156,9 @@ PLMS_TINY = dict(vocab_size=120, max_length=16, hidden_size=16, num_layers=1, nu
     (dict(tasks=["sentiment"]), "unknown task 'sentiment'"),
     (dict(tasks=["glue:squad"]), "unknown task 'glue:squad'"),
     (dict(tasks=["conll"]), "task 'conll' needs ner_data_dir"),
-    (dict(compare_n=1), "compare_n must be an integer >= 2, got 1"),
-    (dict(mux_n=[0]), "N in mux_n must be an integer >= 1, got 0"),
+    (dict(compare_n=1), "parameter 'compare_n' should be Annotated[int, FieldInfo(annotation=NoneType, required=True, "
+                        "metadata=[Ge(ge=2)])], got 1 (int); Input should be greater than or equal to 2"),
+    (dict(mux_n=[0]), "at mux_n[0]: Input should be greater than or equal to 1"),
     (dict(pretrained_dir="/nonexistent/stages"), "pretrained_dir '/nonexistent/stages' is not a folder"),
 ])
 def test_mux_plms_bad_parameters_stop_with_a_clear_message(tmp_path, bad, message):
