@@ -26,22 +26,22 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 course: $(STAMP)
-	$(PY) -m mux.course run --notebooks notebooks --out $(OUT) $(PARAMS)
+	$(PY) -m mux.runner.course run --notebooks notebooks --out $(OUT) $(PARAMS)
 
 # Run full-scale configurations into $(RUNS)/<name>/ (skips finished runs, resumes interrupted ones)
 full: $(STAMP)
-	$(PY) -m mux.course full $(CONFIG) --data-root $(DATA) --runs $(RUNS) $(PARAMS)
+	$(PY) -m mux.runner.course full $(CONFIG) --data-root $(DATA) --runs $(RUNS) $(PARAMS)
 
 # Every run beside the papers' figures: $(RUNS)/report.md and $(RUNS)/report.png
 report: $(STAMP)
-	$(PY) -m mux.course report --runs $(RUNS)
+	$(PY) -m mux.runner.course report --runs $(RUNS)
 
 test: $(STAMP)
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env
 
 # Re-execute the notebooks in place, so the committed copies carry their default run's outputs.
 notebooks: $(STAMP)
-	$(PY) -m mux.course refresh --notebooks notebooks
+	$(PY) -m mux.runner.course refresh --notebooks notebooks
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks

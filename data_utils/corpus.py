@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from mux.evaluate import IGNORE_INDEX  # -100: positions that are not scored
+from mux.grouping import IGNORE_INDEX  # -100: positions that are not scored
 
 from .images import DatasetUnavailableError
-from .text import _looks_like_path, text_splits
+from .text import looks_like_path, text_splits
 
 __all__ = [
     "HUB_CORPORA",
@@ -334,7 +334,7 @@ def load_pretraining_corpus(source="offline", tokenizer=None, max_length: int = 
     import datasets
 
     is_local = isinstance(source, (os.PathLike, list, tuple)) or (
-        isinstance(source, str) and (_looks_like_path(source) or Path(source).suffix.lower() in LOCAL_FORMATS))
+        isinstance(source, str) and (looks_like_path(source) or Path(source).suffix.lower() in LOCAL_FORMATS))
     if not is_local and not isinstance(source, str):
         raise ValueError(f"source must be 'offline', a Hub dataset name, or a local path; got {source!r}")
     name = str(source) if not isinstance(source, (list, tuple)) else ", ".join(map(str, source))

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .images import DatasetUnavailableError
-from .text import IGNORE_INDEX, EncodedDataset, TextTask, _encode
+from .text import IGNORE_INDEX, EncodedDataset, TextTask, encode_texts
 
 __all__ = [
     "GLUE_HUB_PATH",
@@ -516,7 +516,7 @@ def load_glue_task(name: str, tokenizer, data_dir=None, max_length: int = 128, c
         if split == "train" and max_train_examples is not None and len(ds) > max_train_examples:
             ds = ds.select(range(max_train_examples))
         texts, labels = _texts_and_labels(spec, ds, split, source)
-        encoded[split] = _encode(kind, tokenizer, texts, labels, max_length)
+        encoded[split] = encode_texts(kind, tokenizer, texts, labels, max_length)
         all_labels[split] = labels
 
     dev = list(spec.eval_splits)
@@ -670,7 +670,7 @@ def load_conll_ner(data_dir_or_files, tokenizer, max_length: int = 128, label_na
     datasets = {}
     for split, (sentences, tags) in read.items():
         words = [[tokenizer.unk_token if w in empty else w for w in s] for s in sentences] if empty else sentences
-        ds = _encode("words", tokenizer, words, tags, max_length)
+        ds = encode_texts("words", tokenizer, words, tags, max_length)
         datasets[split] = NerDataset(ds.encodings, ds.labels, ds.texts, tags)
 
     scored = [y for row in datasets["test"].labels for y in row if y != IGNORE_INDEX]

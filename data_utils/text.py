@@ -41,10 +41,12 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from mux.evaluate import IGNORE_INDEX  # -100: positions that are not scored
+from mux.grouping import IGNORE_INDEX  # -100: positions that are not scored
 
 __all__ = [
     "TEXT_TASKS",
+    "encode_texts",
+    "looks_like_path",
     "SentenceRecord",
     "TextSplits",
     "TextTask",
@@ -364,7 +366,8 @@ def train_wordpiece_tokenizer(sentences: list[str], vocab_size: int = 4000, fold
     return load_tokenizer(target)
 
 
-def _looks_like_path(name) -> bool:
+def looks_like_path(name) -> bool:
+    """Whether ``name`` names a local file or folder rather than a Hub id (``"owner/name"``)."""
     if isinstance(name, os.PathLike):
         return True
     s = str(name)
@@ -383,7 +386,7 @@ def load_tokenizer(name_or_folder):
     """
     from transformers import AutoTokenizer
 
-    if _looks_like_path(name_or_folder):
+    if looks_like_path(name_or_folder):
         folder = Path(name_or_folder).expanduser()
         if not folder.is_dir():
             raise FileNotFoundError(f"tokenizer folder {str(folder)!r} does not exist; expected a folder "
@@ -526,7 +529,8 @@ def _casing(records: list[SentenceRecord], rng: random.Random):
     return texts, labels
 
 
-def _encode(kind: str, tokenizer, texts: list, labels: list, max_length: int) -> EncodedDataset:
+def encode_texts(kind: str, tokenizer, texts: list, labels: list, max_length: int) -> EncodedDataset:
+    """Tokenise ``texts`` with their ``labels`` for a task of ``kind`` (pair, single, retrieval, words)."""
     if kind == "pair":
         enc = tokenizer([a for a, _ in texts], [b for _, b in texts], truncation=True, max_length=max_length)
     elif kind == "single":
@@ -624,7 +628,7 @@ def load_text_task(name: str, tokenizer, seed: int = 0, max_length: int = 64) ->
         else:
             texts, labels = [r.text for r in records], None
             kind = "retrieval"
-        datasets[split] = _encode(kind, tokenizer, texts, labels, max_length)
+        datasets[split] = encode_texts(kind, tokenizer, texts, labels, max_length)
 
     if name == "retrieval":
         label_names, task_type = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))), "token"

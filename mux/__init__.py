@@ -9,14 +9,21 @@ inputs (N) -> front -> multiplexer -> shared backbone -> demultiplexer -> head -
 - ``mux.models``: one file per method (``datamux``, ``tmux``, ``mux_plm``, ``vit``,
   ``image_multiplexer``, ``concatplexer``, ``mixvit``, ``mimo``)
 - ``mux.losses``: training objectives (a tensor, or named terms with the total under "loss")
-- ``mux.train`` / ``mux.evaluate``: the Accelerate training loop and every-example evaluation
-- ``mux.params``, ``mux.reporting``, ``mux.plots``, ``mux.env``: notebook support
+- ``mux.training``: the one training loop (``mux.train``, on Accelerate), its checkpoints, data
+  order and clean stops; ``mux.evaluate``: every-example evaluation
+- ``mux.throughput``: timing and MAC counts
+- ``mux.notebook``, ``mux.params``, ``mux.reporting``, ``mux.plots``, ``mux.env``: notebook support
+  (a training's configuration, parameter checks, metrics and verdicts, figures, devices)
+
+The run machinery (``mux.runner``: executing notebooks, full-scale configurations, training in
+several processes) is a layer above: nothing here imports it.
 """
 from . import plots
 from .demultiplexers import Demultiplexer, IndexDemultiplexer, MLPDemultiplexer, RSADemultiplexer, SourceAttribution
 from .env import device_of, pick_device, versions
-from .evaluate import IGNORE_INDEX, evaluate, evaluation_order, predict, predict_logits
-from .grouping import check_n, group, multiplexed_forward, pad_to_multiple, ungroup, union_mask
+from .evaluate import evaluate, evaluation_order, predict, predict_logits
+from .grouping import (IGNORE_INDEX, check_n, group, logits_of, multiplexed_forward, pad_to_multiple, split_batch, ungroup,
+                       union_mask)
 from .losses import (
     ConcatPlexerLoss,
     MultiInputLoss,
@@ -66,12 +73,13 @@ from .multiplexers import (
     tuple_mixup,
 )
 from .params import ParameterError, check_parameters
-from .notebook import train_config
 from .reporting import (accuracy_verdict, paper_vs_ours, read_metrics, se_of_difference, summary_table, verdict_margin,
                         verdict_table, write_metrics)
+from .notebook import train_config
 from .throughput import count_macs, flops_per_instance, measure_throughput, throughput_ratios
-from .train import (
+from .training import (
     TrainConfig,
+    TrainingInterrupted,
     TrainResult,
     latest_checkpoint,
     list_checkpoints,

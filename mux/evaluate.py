@@ -32,36 +32,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .env import device_of
-from .grouping import check_n, multiplexed_forward
+from .grouping import IGNORE_INDEX, check_n, logits_of, multiplexed_forward, split_batch
 
-__all__ = ["IGNORE_INDEX", "split_batch", "logits_of", "evaluation_order", "predict_logits", "predict", "evaluate"]
-
-IGNORE_INDEX = -100  # label of positions that are not scored (padding, unlabelled tokens)
-
-
-def split_batch(batch) -> tuple[object, Tensor]:
-    """``(inputs, labels)`` of a batch: ``(x, y)`` pairs, or a dict with a ``labels`` key."""
-    if isinstance(batch, Mapping):
-        if "labels" not in batch:
-            raise KeyError(f"a dict batch needs a 'labels' entry to be scored; it has keys {list(batch)}")
-        return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
-    raise TypeError(
-        f"expected a batch (inputs, labels) or a dict with 'labels', got {type(batch).__name__}"
-        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-    )
-
-
-def logits_of(output) -> Tensor:
-    """The logits of a model output: the tensor itself, or its ``logits`` entry."""
-    if isinstance(output, Tensor):
-        return output
-    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
-    if logits is None:
-        raise KeyError(f"the model output ({type(output).__name__}) has no 'logits' entry")
-    return logits
-
+__all__ = ["evaluation_order", "predict_logits", "predict", "evaluate"]
 
 def _to(inputs, device: torch.device, dtype: torch.dtype):
     """Move inputs to the model's device; floating inputs also take the model's dtype (e.g. bf16)."""

@@ -13,9 +13,15 @@ them). Every function here maps over the tensors of a dict in the same way, so t
 of one tuple stay aligned across keys. Combining the N attention masks of a tuple is the
 multiplexer's business (a position of the mixture is real where at least one instance has a
 real token: :func:`union_mask`).
+
+**The batch protocol** that evaluation, losses, models and data share: a batch is ``(x, labels)``
+or a dict with a ``labels`` key (:func:`split_batch`); a model returns logits or an output with a
+``logits`` entry (:func:`logits_of`); a label of :data:`IGNORE_INDEX` (-100, as in ``transformers``
+and ``torch.nn.CrossEntropyLoss``) marks a position that is not scored (padding, unlabelled tokens).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import fields, is_dataclass
 
@@ -23,7 +29,11 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "IGNORE_INDEX",
+    "split_batch",
+    "logits_of",
     "check_n",
+    "check_positive",
     "group",
     "ungroup",
     "pad_to_multiple",
@@ -31,6 +41,40 @@ __all__ = [
     "union_mask",
     "multiplexed_forward",
 ]
+
+
+IGNORE_INDEX = -100  # label of positions that are not scored (padding, unlabelled tokens)
+
+
+def split_batch(batch) -> tuple[object, Tensor]:
+    """``(inputs, labels)`` of a batch: ``(x, y)`` pairs, or a dict with a ``labels`` key."""
+    if isinstance(batch, Mapping):
+        if "labels" not in batch:
+            raise KeyError(f"a dict batch needs a 'labels' entry to be scored; it has keys {list(batch)}")
+        return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise TypeError(
+        f"expected a batch (inputs, labels) or a dict with 'labels', got {type(batch).__name__}"
+        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+    )
+
+
+def logits_of(output) -> Tensor:
+    """The logits of a model output: the tensor itself, or its ``logits`` entry."""
+    if isinstance(output, Tensor):
+        return output
+    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+    if logits is None:
+        raise KeyError(f"the model output ({type(output).__name__}) has no 'logits' entry")
+    return logits
+
+
+def check_positive(name: str, value) -> float:
+    """``value`` as a float if it is a finite number > 0 (not a bool), else a ValueError that names ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
 
 
 def check_n(n: object, name: str = "N", minimum: int = 1) -> int:

@@ -16,8 +16,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .evaluate import IGNORE_INDEX, logits_of, split_batch
-from .grouping import group, multiplexed_forward, pad_to_multiple, ungroup
+from .grouping import (IGNORE_INDEX, check_positive, group, logits_of, multiplexed_forward, pad_to_multiple, split_batch,
+                       ungroup)
 from .multiplexers import tuple_mixup
 
 __all__ = ["classification_loss", "is_soft_target", "cross_entropy_and_accuracy", "retrieval_loss",
@@ -349,12 +349,11 @@ class MultiInputLoss:
 
     def __init__(self, mixing: str = "token_cutmix", alpha: float | None = None, final_fraction: float = 1 / 12,
                  cut_prob: float = 0.5):
-        from .multiplexers import _check_positive
 
         if mixing not in self.MIXINGS:
             raise ValueError(f"unknown mixing {mixing!r}; expected one of {list(self.MIXINGS)}")
         self.mixing = mixing
-        self.alpha = None if mixing == "sum" else _check_positive(
+        self.alpha = None if mixing == "sum" else check_positive(
             "alpha (of Beta(alpha, alpha))", self.MIXINGS[mixing] if alpha is None else alpha)
         if not 0 <= final_fraction <= 1 or not 0 <= cut_prob <= 1:
             raise ValueError(f"final_fraction and cut_prob must lie in [0, 1], got {final_fraction!r}, {cut_prob!r}")

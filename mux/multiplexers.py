@@ -89,7 +89,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .grouping import check_n
+from .grouping import check_n, check_positive
 
 __all__ = [
     "Multiplexer",
@@ -573,12 +573,6 @@ class MIMOMultiplexer(Multiplexer):
         return f"n={self.n}, d={self.d}, patch_dim={self.patch_dim}"
 
 
-def _check_positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return float(value)
-
-
 def cutmix_sources(batch: int, m: int, image_size: int, patch_size: int, alpha: float,
                    one_source_prob: float = 0.0, device=None) -> Tensor:
     """MixViT's corrected CutMix masks (appendix H): ``(batch, m, L)``, one-hot across the m sources.
@@ -601,7 +595,7 @@ def cutmix_sources(batch: int, m: int, image_size: int, patch_size: int, alpha: 
     check_n(batch, name="batch")
     if isinstance(m, bool) or not isinstance(m, int) or m < 2:
         raise ValueError(f"CutMix mixes at least two inputs: need m >= 2 sources, got {m!r}")
-    alpha = _check_positive("alpha (of Beta(alpha, alpha))", alpha)
+    alpha = check_positive("alpha (of Beta(alpha, alpha))", alpha)
     check_n(image_size, name="image_size")
     check_n(patch_size, name="patch_size")
     if image_size % patch_size:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 
 from .env import pick_device
-from .train import TrainConfig
+from .training import TrainConfig
 
 __all__ = ["SCALE_UP_PARAMETERS", "train_config"]
 

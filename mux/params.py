@@ -53,7 +53,7 @@ import typing
 from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError
 
-__all__ = ["ParameterError", "check_parameters", "check_value"]
+__all__ = ["ParameterError", "check_parameters", "check_value", "declared_parameters"]
 
 _IPYTHON_NAMES = {"In", "Out", "exit", "quit", "get_ipython"}
 _PLAIN = (bool, int, float, str, list, tuple, dict, set, type(None))
@@ -213,3 +213,33 @@ def check_parameters(namespace: dict) -> dict:
         raise ParameterError("invalid notebook parameters:\n  - " + "\n  - ".join(problems))
     namespace[_CHECKED_VALUES] = dict(values)
     return values
+
+
+def declared_parameters(notebook) -> dict[str, dict]:
+    """The parameters a notebook's ``parameters`` cell declares, in papermill's
+    ``inspect_notebook`` shape: ``{name: {"name", "inferred_type_name", "default", "help"}}``.
+
+    Read with Python's own parser, so any annotation (``Literal["a", "b"]``,
+    ``Annotated[int, Field(ge=1)]``) is kept whole; papermill's line pattern drops those.
+    """
+    import ast
+    import io
+    import json
+    import tokenize
+    from pathlib import Path
+
+    cells = json.loads(Path(notebook).read_text())["cells"]
+    tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(tagged) != 1:
+        raise ParameterError(f"{notebook} has {len(tagged)} cells tagged 'parameters', expected one")
+    source = "".join(tagged[0]["source"])
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    found = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            name = node.target.id
+            found[name] = {"name": name, "inferred_type_name": ast.get_source_segment(source, node.annotation),
+                           "default": ast.get_source_segment(source, node.value) if node.value else None,
+                           "help": comments.get(node.end_lineno, comments.get(node.lineno, ""))}
+    return found

@@ -54,10 +54,10 @@ def atomic_write(path: str | Path, write) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _sync_folder(path.parent)
+    sync_folder(path.parent)
 
 
-def _sync_folder(folder: Path) -> None:
+def sync_folder(folder: Path) -> None:
     """fsync a folder, so that a rename in it is on disk; a no-op where folders cannot be opened or synced."""
     try:
         fd = os.open(folder, os.O_RDONLY)

@@ -35,6 +35,8 @@ import threading
 import time
 from pathlib import Path
 
+from mux.params import declared_parameters
+
 ROOT = Path(__file__).resolve().parents[1]
 
 REPRODUCER_CELLS = [
@@ -120,9 +122,7 @@ def _kill(proc: subprocess.Popen) -> None:
 
 def stress(notebook: Path, runs: int, parallel: int, load: int, hang_after: float, engine: str,
            poll_slice: float, parameters: dict, log=print) -> dict:
-    import papermill as pm
-
-    declared = pm.inspect_notebook(str(notebook))
+    declared = declared_parameters(notebook)
     unknown = sorted(set(parameters) - set(declared))
     if unknown:
         raise SystemExit(f"{notebook.name} declares no parameter {', '.join(map(repr, unknown))}")

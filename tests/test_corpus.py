@@ -14,7 +14,7 @@ from data_utils.corpus import (
 )
 from data_utils.images import DatasetUnavailableError
 from data_utils.text import load_text_task, text_splits, train_wordpiece_tokenizer
-from mux.evaluate import IGNORE_INDEX
+from mux.grouping import IGNORE_INDEX
 
 VOCAB = 500
 

@@ -1,4 +1,4 @@
-"""``mux.course.run_course`` on tiny notebooks written here: parameters go where they are declared,
+"""``mux.runner.course.run_course`` on tiny notebooks written here: parameters go where they are declared,
 and a parameter that no notebook declares stops the run before anything executes."""
 import json
 from pathlib import Path
@@ -7,7 +7,7 @@ import nbformat
 import papermill as pm
 import pytest
 
-from mux.course import run_course
+from mux.runner.course import run_course
 
 WRITE_METRICS = """\
 import json, pathlib

@@ -22,7 +22,7 @@ import torch
 import mux
 from data_utils import load_digits_splits
 
-launch = importlib.import_module("mux.launch")
+launch = importlib.import_module("mux.runner.launch")
 ROOT = Path(__file__).resolve().parents[1]
 N, STEPS = 3, 20
 
@@ -202,7 +202,8 @@ def test_interrupting_the_caller_stops_the_workers_after_a_checkpoint(tmp_path):
     reader.join(timeout=10)
     text = "".join(out)
     assert caller.returncode == 0, text[-3000:]
-    assert "caught: training interrupted; the model holds the newest checkpoint" in text and "holds it: True" in text
+    assert "caught: training interrupted after step" in text and "holds it: True" in text
+    assert "the model holds the newest checkpoint" in text
     step = int(mux.latest_checkpoint(folder).name.split("-")[1])
     assert 20 <= step < 5000
     assert "Traceback" not in text  # the workers' and the agent's reports of the interrupt are not relayed

@@ -269,11 +269,11 @@ def test_rsa_keys_order_the_slots_and_a_third_layer_adds_a_block():
 def test_rsa_keys_are_kept_out_of_weight_decay():
     from timm.optim import param_groups_weight_decay
 
-    from mux.train import _no_weight_decay_names
+    from mux.training.parts import no_weight_decay_names
 
     assert mux.RSADemultiplexer(2, 8).no_weight_decay() == {"keys"}
     model = tiny(2, "mlm")
-    names = _no_weight_decay_names(model)
+    names = no_weight_decay_names(model)
     assert "demux.keys" in names
     groups = param_groups_weight_decay(model, 0.01, no_weight_decay_list=names)
     decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}

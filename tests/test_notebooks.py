@@ -14,7 +14,8 @@ import nbformat
 import papermill as pm
 import pytest
 
-from mux.course import clean_notebook, course_notebooks, main, run_course
+from mux.runner.course import clean_notebook, course_notebooks, main, run_course
+from mux.params import declared_parameters
 from mux.runner import execute_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,17 +57,17 @@ def test_notebook_anatomy(path):
         if cell.cell_type == "code" and i != tagged[0]:  # the parameters cell is a list of knobs, not code to read
             assert len(cell.source.splitlines()) <= 40, cell.source[:80]
             assert not any(o.get("output_type") == "error" for o in cell.outputs), "stored error output"
-    params = pm.inspect_notebook(str(path))
+    params = declared_parameters(path)
     assert "out_dir" in params and all(p["help"] for p in params.values()), "every parameter has a # help comment"
 
 
 @pytest.mark.notebook
 @pytest.mark.parametrize("bad, message", [
     (dict(n_valuse=[1, 2]), "unknown parameter 'n_valuse' (did you mean 'n_values'?)"),
-    (dict(steps="many"), "parameter 'steps' should be int, got 'many'"),
-    (dict(n_values=[0, 2]), "N (instances multiplexed together) must be an integer >= 1, got 0"),
-    (dict(dataset="imagenet21k"), "unknown dataset 'imagenet21k'"),
-    (dict(multiplexers=["fourier"]), "unknown multiplexer 'fourier'"),
+    (dict(steps="many"), "parameter 'steps' should be Annotated[int"),
+    (dict(n_values=[0, 2]), "at n_values[0]: Input should be greater than or equal to 1"),
+    (dict(dataset="imagenet21k"), "parameter 'dataset' should be Literal['digits', 'mnist'"),
+    (dict(multiplexers=["fourier"]), "at multiplexers[0]: Input should be 'orthogonal' or"),
 ])
 def test_bad_parameters_stop_the_notebook_with_a_clear_message(tmp_path, bad, message):
     with pytest.raises(pm.PapermillExecutionError) as err:
@@ -134,10 +135,11 @@ def test_tmux_runs_on_other_parameters_and_resumes(tmp_path):
 
 @pytest.mark.notebook
 @pytest.mark.parametrize("bad, message", [
-    (dict(warmup_n=[0, 2]), "N in warmup_n must be an integer >= 1, got 0"),
-    (dict(tasks=["sentiment"]), "unknown task 'sentiment'"),
-    (dict(multiplexer="fourier"), "unknown multiplexer 'fourier'"),
-    (dict(hidden_size="big"), "parameter 'hidden_size' should be int, got 'big'"),
+    (dict(warmup_n=[0, 2]), "at warmup_n[0]: Input should be greater than or equal to 1"),
+    (dict(tasks=["sentiment"]), "at tasks[0]: Input should be 'negation' or"),
+    (dict(multiplexer="fourier"), "parameter 'multiplexer' should be Literal['orthogonal'"),
+    (dict(hidden_size="big"), "parameter 'hidden_size' should be Annotated[int"),
+    (dict(retrieval_weight=1.5), "Input should be less than or equal to 1"),
 ])
 def test_tmux_bad_parameters_stop_with_a_clear_message(tmp_path, bad, message):
     with pytest.raises(pm.PapermillExecutionError) as err:

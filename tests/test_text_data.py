@@ -229,7 +229,7 @@ def test_casing_labels_first_sub_token_only(tokenizer, tasks):
     task = tasks["casing"]
     words = ["Python", "ASCII", "NameError", "tokenization", "works", "."]
     enc = tokenizer([w.lower() for w in words], is_split_into_words=True)
-    ds = text_mod._encode("words", tokenizer, [[w.lower() for w in words]],
+    ds = text_mod.encode_texts("words", tokenizer, [[w.lower() for w in words]],
                           [[text_mod._casing_label(w) for w in words]], 64)
     labels = ds[0]["labels"]
     word_ids = enc.word_ids()

@@ -486,7 +486,7 @@ def test_load_warmup_copies_all_but_the_task_head(tok):
 def test_load_warmup_refuses_another_model(change, named):
     warmup = TMUXModel(config(2, "retrieval"))
     model = TMUXModel(config(2, "sentence", **change))
-    with pytest.raises(ValueError, match=rf"differs from this one in {named} \(warm-up"):
+    with pytest.raises(ValueError, match=rf"the warm-up model differs from this model in {named} \("):
         model.load_warmup(warmup)
 
 

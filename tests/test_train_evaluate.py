@@ -1,7 +1,7 @@
 """The training loop and the evaluation: results, exact resume, and the ways they could be silently wrong."""
-import importlib
 import json
 import os
+from pathlib import Path
 import shutil
 import signal
 
@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import mux
 from mux.losses import classification_loss
 
-train_module = importlib.import_module("mux.train")  # the module (mux.train is the function)
+from mux.training import checkpoints, parts  # (mux.train is the function; these are its modules)
 
 
 def _model(n=2, **kw):
@@ -216,26 +216,30 @@ def test_keyboard_interrupt_before_an_update_saves_the_completed_steps(tiny_digi
     _assert_same_weights(full.model, resumed.model)
 
 
-def test_ctrl_c_during_the_update_finishes_the_step_and_resumes_exactly(tiny_digits, tmp_path):
-    # SIGINT arriving right after optimizer.step(), before the step counter moves: the old loop
-    # saved 6 updates under step 5
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_during_the_update_finishes_the_step_and_resumes_exactly(tiny_digits, tmp_path, signum):
+    # Ctrl-C, or a scheduler's SIGTERM (SLURM preemption), arriving right after optimizer.step(),
+    # before the step counter moves: the old loop saved 6 updates under step 5
     train_set, _ = tiny_digits
     full = mux.train(_model(), train_set, _cfg(), n=2)
     calls = {"n": 0}
+    before = signal.getsignal(signum)
 
     def hook(optimizer, args, kwargs):
         calls["n"] += 1
         if calls["n"] == 6:
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signum)
 
     handle = register_optimizer_step_post_hook(hook)
     try:
-        with pytest.raises(KeyboardInterrupt, match="interrupted after step 6"):
+        with pytest.raises(mux.TrainingInterrupted, match="interrupted after step 6") as stopped:
             mux.train(_model(), train_set, _cfg(tmp_path), n=2)
     finally:
         handle.remove()
+    assert stopped.value.step == 6 and Path(stopped.value.checkpoint_dir) == tmp_path / "ckpt"
+    assert isinstance(stopped.value, KeyboardInterrupt)  # code that stops on Ctrl-C stops on it too
     assert mux.latest_checkpoint(tmp_path / "ckpt").name == "checkpoint-00000006"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    assert signal.getsignal(signum) is before  # the handler is put back
     resumed = mux.train(_model(), train_set, _cfg(tmp_path), n=2)
     assert resumed.resumed_from == 6
     _assert_same_weights(full.model, resumed.model)
@@ -265,9 +269,9 @@ def test_checkpoint_files_are_flushed_before_the_rename(tiny_digits, tmp_path, m
     train_set, _ = tiny_digits
     synced, renamed = [], []
     real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(train_module.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+    monkeypatch.setattr(checkpoints.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
                                                              real_fsync(fd)))
-    monkeypatch.setattr(train_module.os, "replace", lambda a, b: (renamed.append(len(synced)), real_replace(a, b)))
+    monkeypatch.setattr(checkpoints.os, "replace", lambda a, b: (renamed.append(len(synced)), real_replace(a, b)))
     mux.train(_model(), train_set, _cfg(tmp_path, max_steps=2), n=2)
     assert renamed and any(p.endswith("model.safetensors") for p in synced[:renamed[0]])
     assert any(p.endswith("trainer_state.json") for p in synced[:renamed[0]])
@@ -323,10 +327,10 @@ def test_auto_precision_skips_emulated_bf16(monkeypatch):
     # a T4 or V100 reports bf16 "supported" only by emulation
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
-    assert train_module._resolve_precision(mux.TrainConfig()) == "no"
+    assert parts.resolve_precision(mux.TrainConfig()) == "no"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
-    assert train_module._resolve_precision(mux.TrainConfig()) == "bf16"
-    assert train_module._resolve_precision(mux.TrainConfig(cpu=True)) == "no"
+    assert parts.resolve_precision(mux.TrainConfig()) == "bf16"
+    assert parts.resolve_precision(mux.TrainConfig(cpu=True)) == "no"
 
 
 def test_fingerprint_survives_compile_and_a_library_upgrade():
@@ -455,7 +459,7 @@ def test_weight_decay_spares_biases_norms_and_embeddings():
 
 
 def test_weight_decay_spares_the_demultiplexer_biases_and_norms():
-    names = set(train_module._no_weight_decay_names(_model()))
+    names = set(parts.no_weight_decay_names(_model()))
     assert {"demux.bias", "demux.norm_weight", "demux.norm_bias"} <= names and "demux.weight" not in names
 
 

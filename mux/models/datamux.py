@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ..demultiplexers import MLPDemultiplexer
 from ..grouping import check_n
 from ..multiplexers import MULTIPLEXERS, make_multiplexer
+from .common import seeded
 
 __all__ = ["DataMUXConfig", "DataMUXClassifier", "SpatialMean"]
 
@@ -136,15 +137,13 @@ class DataMUXClassifier(nn.Module):
     def for_data(cls, data, n_mux: int, seed: int = 0, **config) -> "DataMUXClassifier":
         """A classifier sized for ``data`` (anything with ``in_shape`` and ``num_classes``, e.g.
         ``data_utils.DatasetSplits``). ``seed`` seeds the fixed transforms and, through
-        ``mux.seed_everything``, the initialisation of the learned parts. ``config``: other
+        torch's generator (:func:`mux.models.common.seeded`), the initialisation of the learned parts. ``config``: other
         fields of :class:`DataMUXConfig`, e.g. ``for_data(data, 1, seed=0, vanilla=True)`` for
         the baseline whose front, backbone and head start where those of
         ``for_data(data, 1, seed=0)`` do."""
-        from ..train import seed_everything
-
-        seed_everything(seed)
-        return cls(DataMUXConfig(n_mux=n_mux, in_shape=data.in_shape, num_classes=data.num_classes,
-                                 mux_seed=seed, **config))
+        with seeded(seed):
+            return cls(DataMUXConfig(n_mux=n_mux, in_shape=data.in_shape, num_classes=data.num_classes,
+                                     mux_seed=seed, **config))
 
     def forward(self, x: Tensor) -> Tensor:
         """``x``: ``(B, N, C, H, W)`` floating-point images -> ``(B, N, num_classes)`` logits.

@@ -33,8 +33,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..demultiplexers import MLPDemultiplexer
-from ..evaluate import IGNORE_INDEX
-from ..grouping import check_n
+from ..grouping import IGNORE_INDEX, check_n
 from ..multiplexers import MLPOrthogonalMultiplexer
 from .vit import SavedByFolder, VisionConfig, build_vit, images_of, read_with_cls
 

@@ -40,9 +40,7 @@ embeddings and encoder; the multiplexer, demultiplexer and heads start fresh.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -50,13 +48,13 @@ from torch import Tensor, nn
 from ..demultiplexers import RSADemultiplexer
 from ..grouping import check_n, union_mask
 from ..multiplexers import make_multiplexer
+from .common import SavedByFolder, copy_shared_weights, seeded
 from .tmux import TMUXConfig, TMUXModel
 
 __all__ = ["MUXPLMConfig", "MUXPLMModel", "STAGES"]
 
 #: the training stage of each task: 1 priming, 2 pre-training, 3 fine-tuning
 STAGES = {"retrieval": 1, "mlm": 2, "rtd": 2, "sentence": 3, "token": 3}
-_FORMAT = "mux-plm"
 
 
 @dataclass
@@ -136,7 +134,7 @@ class MUXPLMConfig(TMUXConfig):
         return cls.for_tokenizer(tokenizer, **fields)
 
 
-class MUXPLMModel(TMUXModel):
+class MUXPLMModel(SavedByFolder, TMUXModel):
     """MUX-BERT / MUX-ELECTRA: ``(B, N, L)`` token ids -> a dict with ``logits`` (module docstring).
 
     Shares T-MUX's input checks (:meth:`check_tokenizer`, :meth:`retrieval_labels`, refusal
@@ -145,6 +143,10 @@ class MUXPLMModel(TMUXModel):
     """
 
     config_class = MUXPLMConfig
+    saved_format, saved_what = "mux-plm", "MUX-PLM"
+
+    def saved_notes(self) -> dict:
+        return {"stage": self.config.stage}  # which training stage the saved folder is
 
     def __init__(self, config: MUXPLMConfig | None = None, **kwargs):
         nn.Module.__init__(self)
@@ -249,14 +251,12 @@ class MUXPLMModel(TMUXModel):
         encoder the model starts from (its sizes are taken; see :meth:`MUXPLMConfig.from_backbone`).
         ``fields``: other :class:`MUXPLMConfig` fields (``task``, ``num_labels``, ``multiplexer``...).
         """
-        from ..train import seed_everything
-
-        seed_everything(seed)
         if backbone is None:
-            return cls(MUXPLMConfig.for_tokenizer(tokenizer, n_mux=n_mux, mux_seed=seed, **fields))
-        model = cls(MUXPLMConfig.from_backbone(backbone, tokenizer, n_mux=n_mux, mux_seed=seed, **fields))
-        model.load_backbone(backbone)
-        return model
+            with seeded(seed):
+                return cls(MUXPLMConfig.for_tokenizer(tokenizer, n_mux=n_mux, mux_seed=seed, **fields))
+        with seeded(seed):
+            model = cls(MUXPLMConfig.from_backbone(backbone, tokenizer, n_mux=n_mux, mux_seed=seed, **fields))
+        return model.load_backbone(backbone)
 
     def load_backbone(self, name_or_path: str) -> "MUXPLMModel":
         """Copy the embeddings and encoder of a pre-trained BERT checkpoint into ``self.backbone``."""
@@ -275,29 +275,6 @@ class MUXPLMModel(TMUXModel):
             raise ValueError(f"{name_or_path} does not fit this backbone: missing {missing}, unexpected {unexpected}")
         return self
 
-    def save(self, folder) -> Path:
-        """Write this model to ``folder``: ``config.json`` (configuration and stage) and
-        ``model.safetensors`` (weights; the fixed multiplexing vectors are buffers and go too)."""
-        from safetensors.torch import save_model
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        meta = {"format": _FORMAT, "stage": self.config.stage, "config": self.config.to_dict()}
-        save_model(self, str(folder / "model.safetensors"))
-        (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-        return folder
-
-    @classmethod
-    def load(cls, folder) -> "MUXPLMModel":
-        """The model :meth:`save` wrote to ``folder``, as it was."""
-        from safetensors.torch import load_model
-
-        config = _read_config(folder)
-        config["special_token_ids"] = tuple(config["special_token_ids"])
-        model = cls(MUXPLMConfig(**config))
-        load_model(model, str(Path(folder) / "model.safetensors"))
-        return model
-
     def load_stage(self, previous) -> "MUXPLMModel":
         """Start this stage from the model of an earlier one (a :class:`MUXPLMModel` or a folder
         written by :meth:`save`): every weight the two share is copied; this stage's own head
@@ -307,41 +284,19 @@ class MUXPLMModel(TMUXModel):
         size, multiplexer or demultiplexer, or is not from an earlier stage (retrieval ->
         MLM or RTD -> fine-tuning; a stage may be skipped).
         """
+        where = "the given model" if isinstance(previous, MUXPLMModel) else str(previous)
         if not isinstance(previous, MUXPLMModel):
-            where = previous
             previous = MUXPLMModel.load(previous)
-        else:
-            where = "the given model"
         mine, theirs = self.config, previous.config
         if theirs.stage >= mine.stage:
             raise ValueError(f"{where} is a stage-{theirs.stage} model ({theirs.task!r}); a {mine.task!r} model "
                              f"(stage {mine.stage}) starts from an earlier stage: retrieval (1), then mlm or rtd (2), "
                              "then sentence or token (3)")
-        free = ("task", "num_labels", "dropout", "backbone")
-        diff = {k: (getattr(theirs, k), getattr(mine, k)) for k in mine.to_dict()
-                if k not in free and getattr(mine, k) != getattr(theirs, k)}
-        if diff:
-            raise ValueError(f"{where} differs from this model in " + ", ".join(
-                f"{k} ({a!r} there, {b!r} here)" for k, (a, b) in diff.items()))
-        state = {k: v for k, v in previous.state_dict().items() if not k.startswith(("head.", "rtd_head."))}
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        if unexpected or any(not k.startswith(("head.", "rtd_head.")) for k in missing):
-            raise RuntimeError(f"weights do not fit: missing {missing}, unexpected {unexpected}")
-        return self
+        return copy_shared_weights(self, previous, fresh=("head.", "rtd_head."),
+                                   free=("task", "num_labels", "dropout", "backbone"), source_name=where)
 
     def extra_repr(self) -> str:
         c = self.config
         if c.vanilla:
             return f"vanilla: no multiplexer, no demultiplexer, task={c.task}"
         return f"n_mux={c.n_mux}, task={c.task} (stage {c.stage}), multiplexer={c.multiplexer}"
-
-
-def _read_config(folder) -> dict:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: expected a folder written by MUXPLMModel.save "
-                                "(config.json and model.safetensors)")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != _FORMAT:
-        raise ValueError(f"{path} is not a MUX-PLM checkpoint (format {meta.get('format')!r}, expected {_FORMAT!r})")
-    return dict(meta["config"])

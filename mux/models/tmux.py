@@ -55,9 +55,9 @@ import torch
 from torch import Tensor, nn
 
 from ..demultiplexers import IndexDemultiplexer
-from ..evaluate import IGNORE_INDEX
-from ..grouping import check_n, union_mask
+from ..grouping import IGNORE_INDEX, check_n, union_mask
 from ..multiplexers import MULTIPLEXERS, make_multiplexer
+from .common import copy_shared_weights, seeded
 
 __all__ = ["TMUXConfig", "TMUXModel", "TASKS"]
 
@@ -267,27 +267,17 @@ class TMUXModel(nn.Module):
     @classmethod
     def build(cls, tokenizer, n_mux: int, seed: int = 0, **fields) -> "TMUXModel":
         """A model for ``tokenizer``'s vocabulary. ``seed`` seeds the fixed transforms and,
-        through ``mux.seed_everything``, the initial weights; ``fields``: other
+        torch's generator (:func:`mux.models.common.seeded`), the initial weights; ``fields``: other
         :class:`TMUXConfig` fields (``task``, ``num_labels``, ``hidden_size``, ``vanilla``...)."""
-        from ..train import seed_everything
-
-        seed_everything(seed)
-        return cls(TMUXConfig.for_tokenizer(tokenizer, n_mux=n_mux, mux_seed=seed, **fields))
+        with seeded(seed):
+            return cls(TMUXConfig.for_tokenizer(tokenizer, n_mux=n_mux, mux_seed=seed, **fields))
 
     def load_warmup(self, warmup: "TMUXModel") -> "TMUXModel":
         """Start from a retrieval warm-up: copy every weight ``warmup`` shares with this model
         (all but the task head). The two must agree on everything but the task; else a
         ValueError names what differs."""
-        mine, theirs = self.config.to_dict(), warmup.config.to_dict()
-        diff = {k: (theirs[k], mine[k]) for k in mine if k not in ("task", "num_labels", "dropout") and mine[k] != theirs[k]}
-        if diff:
-            raise ValueError("the warm-up model differs from this one in " + ", ".join(
-                f"{k} (warm-up {a!r}, this model {b!r})" for k, (a, b) in diff.items()))
-        state = {k: v for k, v in warmup.state_dict().items() if not k.startswith("head.")}
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        if unexpected or any(not k.startswith("head.") for k in missing):
-            raise RuntimeError(f"warm-up weights do not fit: missing {missing}, unexpected {unexpected}")
-        return self
+        return copy_shared_weights(self, warmup, fresh=("head.",), free=("task", "num_labels", "dropout"),
+                                   source_name="the warm-up model")
 
     def extra_repr(self) -> str:
         c = self.config

@@ -14,25 +14,22 @@ sizes of a ``timm`` model by name, and :func:`build_vit` then builds that model 
 ``timm.create_model`` (downloading its weights from the Hugging Face Hub when
 ``pretrained=True``).
 
-Models save to a folder (``config.json`` + ``model.safetensors``) with :func:`save_vision_model`;
-:func:`load_vision_model` refuses a folder written by another class or configuration.
+Models save to a folder (``config.json`` + ``model.safetensors``) with ``model.save(folder)``;
+``Class.load(folder, expect=None)`` refuses a folder written by another class or configuration
+(:mod:`mux.models.common`).
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
 
 from ..grouping import check_n
+from . import common
 
-__all__ = ["VisionConfig", "build_vit", "ViTClassifier", "SavedByFolder", "save_vision_model", "load_vision_model",
+__all__ = ["VisionConfig", "build_vit", "ViTClassifier", "SavedByFolder",
            "images_of", "read_with_cls"]
-
-_FORMAT = "mux-vision"
-
 
 @dataclass
 class VisionConfig:
@@ -136,23 +133,17 @@ def read_with_cls(vit: nn.Module, tokens: Tensor, blocks) -> Tensor:
     return vit.norm(h)
 
 
-class SavedByFolder:
-    """``save(folder)`` / ``load(folder, expect=None)`` / ``empty(config)`` for the vision models:
-    :func:`save_vision_model` and :func:`load_vision_model` as methods. ``empty`` builds a model
-    of ``config`` to load saved weights into, downloading nothing."""
+class SavedByFolder(common.SavedByFolder):
+    """Saving for the vision models (:class:`mux.models.common.SavedByFolder`); ``empty`` downloads
+    no pretrained weights."""
 
     config_class = VisionConfig
+    saved_format = "mux-vision"
+    saved_what = "vision model"
 
     @classmethod
     def empty(cls, config: VisionConfig):
         return cls(config, load_pretrained=False)
-
-    def save(self, folder) -> Path:
-        return save_vision_model(self, folder)
-
-    @classmethod
-    def load(cls, folder, expect: VisionConfig | None = None):
-        return load_vision_model(cls, folder, expect)
 
 
 class ViTClassifier(SavedByFolder, nn.Module):
@@ -183,47 +174,3 @@ class ViTClassifier(SavedByFolder, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         images = images_of(x, 1, self.in_shape)
         return self.head(self.features(images)).view(x.shape[0], 1, -1)
-
-
-def save_vision_model(model: nn.Module, folder) -> Path:
-    """Write ``model`` to ``folder``: ``config.json`` (class and configuration) and ``model.safetensors``
-    (weights and buffers: fixed transforms, codebooks)."""
-    from safetensors.torch import save_model
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(folder / "model.safetensors"))
-    meta = {"format": _FORMAT, "class": type(model).__name__, "config": model.config.to_dict()}
-    (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return folder
-
-
-def load_vision_model(cls, folder, expect: VisionConfig | None = None):
-    """The ``cls`` model that :func:`save_vision_model` wrote to ``folder``.
-
-    Refuses a folder written by another class and, when ``expect`` is given, one whose
-    configuration differs from it, naming each field that differs.
-    """
-    from safetensors.torch import load_model
-
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: expected a folder written by save_vision_model "
-                                "(config.json and model.safetensors)")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != _FORMAT or meta.get("class") != cls.__name__:
-        raise ValueError(f"{folder} holds a {meta.get('class')!r} ({meta.get('format')!r}), not a {cls.__name__}")
-    if expect is not None and type(expect) is not cls.config_class:
-        raise ValueError(f"expect must be a {cls.config_class.__name__} (the configuration of a {cls.__name__}), "
-                         f"got a {type(expect).__name__}")
-    names = {f.name for f in fields(cls.config_class)}
-    config = cls.config_class(**{k: tuple(v) if isinstance(v, list) else v
-                                 for k, v in meta["config"].items() if k in names})
-    if expect is not None and config != expect:
-        diff = [f"{f.name} ({getattr(config, f.name)!r} there, {getattr(expect, f.name)!r} here)"
-                for f in fields(expect) if getattr(config, f.name) != getattr(expect, f.name)]
-        raise ValueError(f"{folder} holds a {cls.__name__} of another configuration: {', '.join(diff)}")
-    model = cls.empty(config)
-    load_model(model, str(Path(folder) / "model.safetensors"))
-    return model
-

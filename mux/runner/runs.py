@@ -41,13 +41,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .params import check_value
-from .reporting import atomic_write
+from ..params import check_value, declared_parameters
+from ..reporting import atomic_write
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "config_files", "check_config", "resolve_parameters",
            "run_config", "run_configs", "report", "ROOT", "CONFIGS", "NOTEBOOKS"]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 NOTEBOOKS = ROOT / "notebooks"
 # set by the runner itself: a configuration that sets them is refused
@@ -137,9 +137,7 @@ def load_config(path: str | Path) -> RunConfig:
 
 
 def _declared(notebook: Path) -> dict:
-    import papermill as pm
-
-    return pm.inspect_notebook(str(notebook))
+    return declared_parameters(notebook)
 
 
 def check_config(config: RunConfig, notebooks: str | Path = NOTEBOOKS, overrides: dict | None = None) -> dict:
@@ -232,7 +230,7 @@ def _check_processes(config: RunConfig, params: dict) -> None:
     wanted = params.get("num_processes", 1)
     if isinstance(wanted, int) and wanted > 1:
         from .launch import check_devices
-        from .train import TrainConfig
+        from ..training import TrainConfig
 
         try:
             check_devices(TrainConfig(num_processes=wanted, cpu=params.get("device", "auto") == "cpu"))
@@ -248,7 +246,7 @@ def run_config(config: RunConfig, runs: str | Path = "runs", data_root: str | Pa
     from its checkpoints; a folder holding another configuration's run, or the same one with other
     parameters, raises :class:`ConfigError` before anything runs.
     """
-    from .runner import execute_notebook
+    from .execute import execute_notebook
 
     check_config(config, notebooks, overrides)
     params = resolve_parameters(config, data_root, runs, smoke, overrides)

@@ -1,14 +1,16 @@
 """Training on several processes from inside one: ``TrainConfig(num_processes=K)``.
 
 ``mux.train(model, data, TrainConfig(num_processes=K, checkpoint_dir=...), n, ...)`` called
-from a single process (a notebook's kernel, a plain script) does not train there. It
+from a single process (a notebook's kernel, a plain script) does not train there: it hands the
+call to :func:`train_in_processes`, registered as the training library's process launcher
+(the entry point ``processes`` of the group ``mux.launchers``, in ``pyproject.toml``). It
 
 1. checks that K devices exist (K GPUs, or K CPU cores with ``cpu=True`` or without a GPU);
 2. pickles the job (model, data, configuration, N, loss, collate and eval functions) with
    ``cloudpickle`` into ``<checkpoint_dir>/launch/job.pkl``; functions, lambdas and classes
    defined in a notebook (its ``__main__``) are copied by value, those of importable
    modules by reference (the workers get the caller's ``sys.path``);
-3. runs ``python -m torch.distributed.run --nproc_per_node K -m mux.launch <job>``, relaying
+3. runs ``python -m torch.distributed.run --nproc_per_node K -m mux.runner.launch <job>``, relaying
    the workers' output (written to ``stdout.log`` and ``stderr.log`` next to the job) into the
    caller's as it comes, so it shows in the notebook, and raises a RuntimeError with the
    workers' exception and the end of that output if they fail;
@@ -17,7 +19,7 @@ from a single process (a notebook's kernel, a plain script) does not train there
    checkpoints and resumes as usual; the main worker writes the result's fields to
    ``<checkpoint_dir>/launch/result.json``;
 5. loads the final checkpoint's weights into the caller's model and returns a
-   :class:`~mux.train.TrainResult` with that model and the workers' fields.
+   :class:`~mux.TrainResult` with that model and the workers' fields.
 
 Running the same call again resumes from the checkpoints (an interrupted run), or returns at
 once, without starting processes, when the newest checkpoint is the end of this very run.
@@ -61,19 +63,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .reporting import atomic_write
-from .train import (
-    _UNREADABLE,
-    TrainConfig,
-    TrainResult,
-    _build_loader,
-    _readable_checkpoints,
-    _refuse_existing,
-    _resolve_precision,
-    _run_identity,
-    load_weights,
-    model_fingerprint,
-)
+from ..reporting import atomic_write
+from ..training import TrainConfig, TrainingInterrupted, TrainResult, load_weights, model_fingerprint, train
+from ..training.checkpoints import UNREADABLE, readable_checkpoints, refuse_existing, run_identity
+from ..training.data import build_loader
+from ..training.parts import resolve_precision
 
 __all__ = ["train_in_processes", "check_devices", "main", "JOB_FOLDER", "JOB_FILE", "RESULT_FILE"]
 
@@ -157,7 +151,7 @@ def read_job(path: str | os.PathLike) -> dict:
     with open(path, "rb") as f:
         header = pickle.load(f)
         if not isinstance(header, dict) or header.get("version") != JOB_VERSION:
-            raise ValueError(f"{path} is not a job written by this version of mux.launch")
+            raise ValueError(f"{path} is not a job written by this version of mux.runner.launch")
         caller = header["sys_path"]
         sys.path[:] = caller + [p for p in sys.path if p not in caller]
         return pickle.load(f)  # cloudpickle's output is read by the standard unpickler
@@ -180,7 +174,7 @@ try:
 except Exception:
     pass
 if os.getppid() != caller:
-    sys.exit("mux.launch: the caller exited before the workers started")
+    sys.exit("mux.runner.launch: the caller exited before the workers started")
 sys.argv[0] = "torchrun"
 from torch.distributed.run import main
 main()
@@ -188,10 +182,10 @@ main()
 
 
 def _command(job: Path, k: int) -> list[str]:
-    """``python -m torch.distributed.run ... -m mux.launch <job>`` (on Linux through :data:`_AGENT`)."""
+    """``python -m torch.distributed.run ... -m mux.runner.launch <job>`` (on Linux through :data:`_AGENT`)."""
     agent = ["-c", _AGENT, str(os.getpid())] if sys.platform.startswith("linux") else ["-m", "torch.distributed.run"]
     return [sys.executable, *agent, "--nnodes", "1", "--nproc_per_node", str(k), "--master_addr", "127.0.0.1",
-            "--master_port", str(_free_port()), "-m", "mux.launch", str(job)]
+            "--master_port", str(_free_port()), "-m", "mux.runner.launch", str(job)]
 
 
 def _environment(k: int) -> dict[str, str]:
@@ -225,7 +219,7 @@ class _Relay:
 
     def start(self, path: Path, stream_name: str) -> threading.Thread:
         thread = threading.Thread(target=self._copy, args=(path, stream_name), daemon=True,
-                                  name=f"mux.launch {stream_name}")
+                                  name=f"mux.runner.launch {stream_name}")
         thread.start()
         return thread
 
@@ -344,10 +338,10 @@ def _finished(model: nn.Module, train_data, cfg: TrainConfig, n: int, kwargs: di
     if not cfg.resume:
         return None
     started = time.perf_counter()
-    loader, _, _ = _build_loader(train_data, cfg, n, kwargs.get("collate_fn"))
-    run = _run_identity(cfg, n, loader, kwargs["loss_fn"], cfg.num_processes, "cuda" if _uses_cuda(cfg) else "cpu",
-                        _resolve_precision(cfg))
-    for ckpt, state in _readable_checkpoints(cfg.checkpoint_dir, "train"):
+    loader, _, _ = build_loader(train_data, cfg, n, kwargs.get("collate_fn"))
+    run = run_identity(cfg, n, loader, kwargs["loss_fn"], cfg.num_processes, "cuda" if _uses_cuda(cfg) else "cpu",
+                        resolve_precision(cfg))
+    for ckpt, state in readable_checkpoints(cfg.checkpoint_dir, "train"):
         step, evaluations = state.get("step"), state.get("evaluations", [])
         if step != cfg.max_steps or state.get("run") != run or state.get("fingerprint") != model_fingerprint(model):
             return None
@@ -355,7 +349,7 @@ def _finished(model: nn.Module, train_data, cfg: TrainConfig, n: int, kwargs: di
             return None  # train() would evaluate the end of the run
         try:
             load_weights(model, ckpt)
-        except _UNREADABLE:
+        except UNREADABLE:
             return None
         return TrainResult(model=model, steps=step, history=state["history"], evaluations=evaluations,
                            resumed_from=step, seconds=time.perf_counter() - started, device=_workers_device(cfg),
@@ -365,7 +359,7 @@ def _finished(model: nn.Module, train_data, cfg: TrainConfig, n: int, kwargs: di
 
 def _load_step(model: nn.Module, root: Path, step: int | None) -> int | None:
     """Load the newest readable checkpoint (the one of ``step`` if given) into ``model``; its step."""
-    for ckpt, state in _readable_checkpoints(root, "train"):
+    for ckpt, state in readable_checkpoints(root, "train"):
         if step is None or state.get("step") == step:
             load_weights(model, ckpt)
             return state.get("step")
@@ -388,7 +382,7 @@ def train_in_processes(model: nn.Module, train_data, cfg: TrainConfig, n: int, *
                          "from them)")
     check_devices(cfg)
     root = Path(cfg.checkpoint_dir)
-    _refuse_existing(root, cfg)
+    refuse_existing(root, cfg)
     device = _parent_device(cfg)
     done = _finished(model, train_data, cfg, n, kwargs)
     if done is not None:
@@ -410,18 +404,16 @@ def train_in_processes(model: nn.Module, train_data, cfg: TrainConfig, n: int, *
             job.unlink(missing_ok=True)
             try:
                 step = _load_step(model, root, None)
-            except (*_UNREADABLE, FileNotFoundError):
+            except (*UNREADABLE, FileNotFoundError):
                 step = None
-            raise KeyboardInterrupt(
-                "training interrupted" + (f"; the model holds the newest checkpoint (step {step}) of {root}: run the "
-                                          "same call again to resume" if step is not None else "")
-            )
+            raise TrainingInterrupted(step, None, f"the model holds the newest checkpoint (step {step}) of {root}: run "
+                                      "the same call again to resume" if step is not None else "")
         if code != 0:
             raise RuntimeError(
                 f"training in {k} worker processes failed (exit code {code}){_worker_errors(folder)}\n"
                 f"The end of their output (all of it in {folder}/stdout.log and stderr.log):\n{tail}\n"
                 f"The job is {job}; to run it by hand: {sys.executable} -m torch.distributed.run "
-                f"--nproc_per_node {k} -m mux.launch {job}"
+                f"--nproc_per_node {k} -m mux.runner.launch {job}"
             )
         if not result_path.is_file():
             raise RuntimeError(f"the {k} worker processes finished but wrote no {result_path}. The end of their "
@@ -473,12 +465,10 @@ def _record(fn):
 
 @_record
 def main(argv: list[str] | None = None) -> int:
-    """A worker: ``python -m mux.launch <job.pkl>`` under torchrun (one of the job's processes)."""
-    from .train import train
-
+    """A worker: ``python -m mux.runner.launch <job.pkl>`` under torchrun (one of the job's processes)."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m torch.distributed.run --nproc_per_node K -m mux.launch <checkpoint_dir>/launch/job.pkl",
+        print("usage: python -m torch.distributed.run --nproc_per_node K -m mux.runner.launch <checkpoint_dir>/launch/job.pkl",
               file=sys.stderr)
         return 2
     path = Path(argv[0])
@@ -486,9 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
         result = train(job["model"], job["train_data"], job["cfg"], job["n"], **job["kwargs"])
-    except KeyboardInterrupt as err:
-        if not str(err).startswith("training interrupted"):  # stopped at once: not saved
-            raise
+    except TrainingInterrupted as err:
         if rank == 0:  # stopped after a step, checkpoint saved: no traceback
             print(err, file=sys.stderr, flush=True)
         return 130

@@ -1,11 +1,11 @@
-"""``python -m mux.course``: run the course notebooks headless and summarise their metrics.
+"""``python -m mux.runner.course``: run the course notebooks headless and summarise their metrics.
 
-    python -m mux.course run [--notebooks notebooks] [--out outputs] [-p NAME VALUE]... [-f params.yaml]
-    python -m mux.course summary [--out outputs]
-    python -m mux.course refresh [--notebooks notebooks]
-    python -m mux.course full CONFIG_OR_FOLDER [--runs runs] [--data-root data] [--smoke] [-p NAME VALUE]... [-y YAML]
-    python -m mux.course report [--runs runs] [--configs configs]
-    python -m mux.course check-configs [--configs configs]
+    python -m mux.runner.course run [--notebooks notebooks] [--out outputs] [-p NAME VALUE]... [-f params.yaml]
+    python -m mux.runner.course summary [--out outputs]
+    python -m mux.runner.course refresh [--notebooks notebooks] [--only 01 ...]
+    python -m mux.runner.course full CONFIG_OR_FOLDER [--runs runs] [--data-root data] [--smoke] [-p NAME VALUE]... [-y YAML]
+    python -m mux.runner.course report [--runs runs] [--configs configs]
+    python -m mux.runner.course check-configs [--configs configs]
 
 ``run`` executes every ``NN_*.ipynb`` with papermill (in the notebook's folder, as
 JupyterLab would), writes the executed copies to ``<out>/executed/`` and the metrics to
@@ -19,7 +19,7 @@ diff: papermill's timing metadata and finished progress bars.
 
 ``full`` runs named full-scale configurations (``configs/*.yaml``) into ``runs/<name>/``, skipping
 finished ones and resuming interrupted ones; ``report`` gathers every run beside the papers'
-figures; ``check-configs`` checks every configuration against its notebook (see :mod:`mux.runs`).
+figures; ``check-configs`` checks every configuration against its notebook (see :mod:`mux.runner.runs`).
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-from .reporting import read_metrics, summary_table
+from ..params import declared_parameters
+from ..reporting import read_metrics, summary_table
 
 __all__ = ["course_notebooks", "run_course", "main"]
 
@@ -49,7 +50,7 @@ def _parse_value(text: str):
 def _check_declared(parameters: dict, declared: dict[str, dict]) -> None:
     """Raise ``SystemExit`` naming every parameter that none of the notebooks declares.
 
-    ``declared`` maps a notebook's name to its parameters (as ``papermill.inspect_notebook``
+    ``declared`` maps a notebook's name to its parameters (as :func:`mux.params.declared_parameters`
     returns them). Each unknown name comes with the closest declared name, if any.
     """
     known = sorted({name for params in declared.values() for name in params})
@@ -74,7 +75,7 @@ def run_course(notebooks: str | Path, out: str | Path, parameters: dict | None =
     """
     import papermill as pm
 
-    from .runner import execute_notebook
+    from .execute import execute_notebook
 
     out = Path(out).resolve()
     books = course_notebooks(notebooks)
@@ -82,7 +83,7 @@ def run_course(notebooks: str | Path, out: str | Path, parameters: dict | None =
         books = [b for b in books if any(b.stem.startswith(o) for o in only)]
     if not books:
         raise SystemExit(f"no notebooks named NN_*.ipynb found in {notebooks!r} (filter: {only})")
-    declared = {book.name: pm.inspect_notebook(str(book)) for book in books}
+    declared = {book.name: declared_parameters(book) for book in books}
     _check_declared(parameters or {}, declared)
     (out / "executed").mkdir(parents=True, exist_ok=True)
     timings = {}
@@ -119,7 +120,7 @@ def refresh(notebooks: str | Path, only: list[str] | None = None) -> None:
     its defaults, then clean it."""
     import nbformat
 
-    from .runner import execute_notebook
+    from .execute import execute_notebook
 
     for book in course_notebooks(notebooks):
         if only and not any(book.name.startswith(prefix) for prefix in only):
@@ -132,7 +133,7 @@ def refresh(notebooks: str | Path, only: list[str] | None = None) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mux.course", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m mux.runner.course", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="execute the notebooks and print the summary")
     run.add_argument("--notebooks", default="notebooks")

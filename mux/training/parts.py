@@ -1,0 +1,174 @@
+"""The pieces :func:`mux.train` is built from: seeding, precision and the Accelerator, the optimiser,
+RNG snapshots, loss terms, and where a run of several processes is handed over."""
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Mapping
+from contextlib import contextmanager
+from importlib.metadata import entry_points
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import set_seed
+from torch import Tensor, nn
+
+from ..env import cuda_has_native_bf16
+from .config import TrainConfig
+
+__all__ = ["seed_everything", "resolve_precision", "make_accelerator", "adamw", "no_weight_decay_names",
+           "rng_snapshot", "rng_restore", "deterministic_algorithms", "loss_terms", "world_size", "hands_over", "LAUNCHERS",
+           "process_launcher"]
+
+LAUNCHERS = "mux.launchers"  # entry-point group of the function that trains in K new processes
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch (all devices): ``accelerate.utils.set_seed``.
+
+    ``deterministic=True`` also asks torch for deterministic kernels (needed for bit-exact
+    runs on a GPU; some operations then raise an error that names them).
+    """
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    set_seed(seed, deterministic=deterministic)
+
+
+def resolve_precision(cfg: TrainConfig) -> str:
+    """``cfg.mixed_precision``, with ``auto`` resolved: bf16 on a GPU that runs it natively, else none."""
+    if cfg.mixed_precision != "auto":
+        return cfg.mixed_precision
+    if not cfg.cpu and torch.cuda.is_available() and cuda_has_native_bf16():
+        return "bf16"  # bf16 only where the GPU runs it natively, not emulated
+    return "no"
+
+
+def make_accelerator(cfg: TrainConfig, accelerator: Accelerator | None = None) -> Accelerator:
+    """``accelerator`` if given (it must hold nothing prepared), else a new one for ``cfg``.
+
+    Accelerate's state is process-wide: in a single process (a notebook training several
+    models), a state left with another precision or device by an earlier run is reset; under
+    several processes that is an error that says what to do."""
+    if accelerator is not None:
+        if accelerator._models or accelerator._optimizers:
+            raise ValueError("the accelerator passed to train() already holds prepared models or optimizers; "
+                             "its checkpoints would mix them with this run's")
+        return accelerator
+    precision = resolve_precision(cfg)
+    state = AcceleratorState._shared_state
+    if state:
+        other = state.get("_mixed_precision") != precision or (cfg.cpu and PartialState().device.type != "cpu")
+        if other and PartialState().num_processes > 1:
+            raise ValueError(
+                f"Accelerate was already set up in this process with mixed_precision="
+                f"{state.get('_mixed_precision')!r}; this run asks for {precision!r}. Under several processes pass "
+                "the same mixed_precision to every run, or pass one Accelerator with accelerator=..."
+            )
+        if other:
+            AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(mixed_precision=precision, cpu=cfg.cpu, step_scheduler_with_optimizer=False)
+
+
+def no_weight_decay_names(model: nn.Module) -> list[str]:
+    """Parameters that weight decay must spare beyond 1-d ones (timm's rule): embedding tables,
+    and what any module lists in its ``no_weight_decay()`` (timm's convention, names relative
+    to that module)."""
+    names = []
+    for prefix, module in model.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        if isinstance(module, nn.Embedding):
+            names.append(f"{dot}weight")
+        listed = getattr(module, "no_weight_decay", None)
+        if callable(listed):
+            names += [f"{dot}{name}" for name in listed()]
+    return names
+
+
+def adamw(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices only (timm's ``param_groups_weight_decay``)."""
+    from timm.optim import param_groups_weight_decay
+
+    groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=no_weight_decay_names(model))
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def rng_snapshot():
+    """The states of Python's, NumPy's and torch's global RNGs (CUDA's too, once initialised)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+
+def rng_restore(snapshot) -> None:
+    """Put back the RNG states of :func:`rng_snapshot`."""
+    random.setstate(snapshot[0])
+    np.random.set_state(snapshot[1])
+    torch.set_rng_state(snapshot[2])
+    if snapshot[3] is not None:
+        torch.cuda.set_rng_state_all(snapshot[3])
+
+
+@contextmanager
+def deterministic_algorithms(on: bool):
+    """Within the block, torch's deterministic-algorithms setting is what the run set; restored after."""
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        yield
+    finally:
+        if on:
+            torch.use_deterministic_algorithms(before)
+
+
+def loss_terms(value) -> dict[str, Tensor]:
+    """A loss function's result as named scalar terms with the total under ``"loss"``."""
+    if isinstance(value, Tensor):
+        terms = {"loss": value}
+    elif isinstance(value, Mapping) and "loss" in value:
+        terms = dict(value)
+    else:
+        raise TypeError("loss_fn must return a scalar tensor or a dict of scalar tensors with a 'loss' entry "
+                        f"(the total to minimise), got {type(value).__name__}"
+                        + (f" with keys {list(value)}" if isinstance(value, Mapping) else ""))
+    for k, v in terms.items():
+        if not isinstance(v, Tensor) or v.numel() != 1:
+            raise TypeError(f"loss term {k!r} must be a scalar tensor, got {getattr(v, 'shape', type(v).__name__)}")
+    return terms
+
+
+def world_size() -> int:
+    """The number of processes of the distributed run this process belongs to (1: none)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE") or 1))
+    except ValueError:
+        return 1
+
+
+def hands_over(cfg: TrainConfig, accelerator: Accelerator | None) -> bool:
+    """Whether this call trains in new worker processes (``num_processes`` K > 1 outside a distributed run).
+
+    Inside one, K must be its number of processes (1 accepts any)."""
+    k, world = cfg.num_processes, world_size()
+    if k > 1 and world == 1:
+        if accelerator is not None:
+            raise ValueError(f"num_processes={k} trains in new worker processes, which cannot use an Accelerator of "
+                             "this one: leave accelerator=None (or num_processes=1)")
+        return True
+    if k > 1 and world != k:
+        raise ValueError(f"TrainConfig(num_processes={k}), but this process is one of {world} started by torchrun or "
+                         f"accelerate launch: set num_processes={world} (or 1, which accepts what the launcher "
+                         f"started), or launch {k} processes.")
+    return False
+
+
+def process_launcher():
+    """The function that trains in K new processes: registered under the entry-point group
+    :data:`LAUNCHERS` by the course's run machinery (``mux.runner.launch``), which this
+    library does not import."""
+    found = list(entry_points(group=LAUNCHERS, name="processes"))
+    if not found:
+        raise RuntimeError(f"num_processes > 1 needs the launcher registered under the entry point group {LAUNCHERS!r} "
+                           "by the installed course package: install it with `pip install -e .` (or `make install`)")
+    return found[0].load()
