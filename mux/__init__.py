@@ -22,8 +22,8 @@ from . import plots
 from .demultiplexers import Demultiplexer, IndexDemultiplexer, MLPDemultiplexer, RSADemultiplexer, SourceAttribution
 from .env import device_of, pick_device, versions
 from .evaluate import evaluate, evaluation_order, predict, predict_logits
-from .grouping import (IGNORE_INDEX, check_n, group, logits_of, multiplexed_forward, pad_to_multiple, split_batch, ungroup,
-                       union_mask)
+from .grouping import (IGNORE_INDEX, check_n, group, logits_of, multiplexed_forward, pad_to_multiple, split_batch,
+                       ungroup, union_mask)
 from .losses import (
     ConcatPlexerLoss,
     MultiInputLoss,

@@ -16,8 +16,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .grouping import (IGNORE_INDEX, check_positive, group, logits_of, multiplexed_forward, pad_to_multiple, split_batch,
-                       ungroup)
+from .grouping import (IGNORE_INDEX, check_positive, group, logits_of, multiplexed_forward, pad_to_multiple,
+                       split_batch, ungroup)
 from .multiplexers import tuple_mixup
 
 __all__ = ["classification_loss", "is_soft_target", "cross_entropy_and_accuracy", "retrieval_loss",

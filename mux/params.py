@@ -46,9 +46,14 @@ after the parameters cell was edited and re-run) is checked again.
 """
 from __future__ import annotations
 
+import ast
 import difflib
+import io
+import json
+import tokenize
 import types
 import typing
+from pathlib import Path
 
 from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError
@@ -70,10 +75,26 @@ class ParameterError(ValueError):
     """A notebook parameter is unknown, missing or of the wrong type."""
 
 
+_BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"), ("min_length", "of length >="),
+           ("max_length", "of length <="))
+
+
 def _type_name(tp) -> str:
-    if isinstance(tp, type) and typing.get_origin(tp) is None:
-        return tp.__name__
-    return str(tp).replace("typing.", "")
+    """``tp`` as a reader writes it: ``int >= 1``, ``list[int >= 1]``, ``Literal['a', 'b']``, ``str | None``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Annotated:
+        bounds = [f"{sign} {getattr(c, key)}" for m in args[1:] for c in [m, *getattr(m, "metadata", [])]
+                  for key, sign in _BOUNDS if getattr(c, key, None) is not None]
+        return " and ".join([f"{_type_name(args[0])} {bounds[0]}", *bounds[1:]]) if bounds else _type_name(args[0])
+    if _is_union(origin):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is typing.Literal:
+        return f"Literal[{', '.join(repr(a) for a in args)}]"
+    if origin is not None and args:
+        return f"{origin.__name__}[{', '.join('...' if a is Ellipsis else _type_name(a) for a in args)}]"
+    if tp is None or tp is type(None):
+        return "None"
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
 
 
 def _is_union(origin) -> bool:
@@ -222,12 +243,6 @@ def declared_parameters(notebook) -> dict[str, dict]:
     Read with Python's own parser, so any annotation (``Literal["a", "b"]``,
     ``Annotated[int, Field(ge=1)]``) is kept whole; papermill's line pattern drops those.
     """
-    import ast
-    import io
-    import json
-    import tokenize
-    from pathlib import Path
-
     cells = json.loads(Path(notebook).read_text())["cells"]
     tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     if len(tagged) != 1:

@@ -189,3 +189,34 @@ def test_verdict_table_calls_a_tie_within_the_margin():
     assert f"{margin:.3f}" in rows[2] and margin == pytest.approx(2 * mux.se_of_difference(0.90, 0.85, 500))
     with pytest.raises(ValueError, match="comparison"):
         mux.verdict_table([("A", 0.9)], m=10)
+
+
+def test_declared_parameters_keep_every_annotated_line(tmp_path):
+    import nbformat
+
+    from mux.params import declared_parameters
+
+    cell = nbformat.v4.new_code_cell('mode: Literal["a", "b"] = "a"  # which mode\n'
+                                     "steps: Annotated[int, Field(ge=1)] = 5  # training steps (x = 1 is fine)\n"
+                                     "names: list[str] = ['x']  # names")
+    cell.metadata["tags"] = ["parameters"]
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[cell]), str(path))
+    found = declared_parameters(path)
+    assert list(found) == ["mode", "steps", "names"]
+    assert found["steps"] == {"name": "steps", "inferred_type_name": "Annotated[int, Field(ge=1)]", "default": "5",
+                              "help": "training steps (x = 1 is fine)"}
+    assert found["mode"]["inferred_type_name"] == 'Literal["a", "b"]' and found["mode"]["help"] == "which mode"
+
+
+def test_parameter_errors_name_the_type_as_a_reader_writes_it():
+    namespace = {"__annotations__": {"steps": Annotated[int, Field(ge=1)], "ns": list[Annotated[int, Field(ge=1)]],
+                                     "w": Annotated[float, Field(ge=0, le=1)]},
+                 "steps": 0, "ns": [0], "w": 2.0}
+    with pytest.raises(ParameterError) as err:
+        mux.check_parameters(namespace)
+    text = str(err.value)
+    assert "parameter 'steps' should be int >= 1, got 0 (int)" in text
+    assert "parameter 'ns' should be list[int >= 1], got [0] (list)" in text
+    assert "parameter 'w' should be float >= 0 and <= 1, got 2.0 (float)" in text
+    assert "FieldInfo" not in text
