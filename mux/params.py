@@ -242,11 +242,15 @@ def declared_parameters(notebook) -> dict[str, dict]:
 
     Read with Python's own parser, so any annotation (``Literal["a", "b"]``,
     ``Annotated[int, Field(ge=1)]``) is kept whole; papermill's line pattern drops those.
+    A notebook with no ``parameters`` cell declares none (``{}``, as papermill says); one with
+    several is refused.
     """
     cells = json.loads(Path(notebook).read_text())["cells"]
     tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
-    if len(tagged) != 1:
-        raise ParameterError(f"{notebook} has {len(tagged)} cells tagged 'parameters', expected one")
+    if not tagged:
+        return {}
+    if len(tagged) > 1:
+        raise ParameterError(f"{notebook} has {len(tagged)} cells tagged 'parameters', expected at most one")
     source = "".join(tagged[0]["source"])
     comments = {tok.start[0]: tok.string.lstrip("#").strip()
                 for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}

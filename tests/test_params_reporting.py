@@ -220,3 +220,19 @@ def test_parameter_errors_name_the_type_as_a_reader_writes_it():
     assert "parameter 'ns' should be list[int >= 1], got [0] (list)" in text
     assert "parameter 'w' should be float >= 0 and <= 1, got 2.0 (float)" in text
     assert "FieldInfo" not in text
+
+
+def test_a_notebook_without_a_parameters_cell_declares_none_and_two_are_refused(tmp_path):
+    import nbformat
+
+    from mux.params import declared_parameters
+
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")]), str(path))
+    assert declared_parameters(path) == {}
+    cells = [nbformat.v4.new_code_cell("a: int = 1"), nbformat.v4.new_code_cell("b: int = 2")]
+    for cell in cells:
+        cell.metadata["tags"] = ["parameters"]
+    nbformat.write(nbformat.v4.new_notebook(cells=cells), str(path))
+    with pytest.raises(ParameterError, match="2 cells tagged 'parameters', expected at most one"):
+        declared_parameters(path)
