@@ -12,6 +12,7 @@ inputs (N) -> front -> multiplexer -> shared backbone -> demultiplexer -> head -
 - ``mux.training``: the one training loop (``mux.train``, on Accelerate), its checkpoints, data
   order and clean stops; ``mux.evaluate``: every-example evaluation
 - ``mux.throughput``: timing and MAC counts
+- ``mux.stats``: comparing two models on the same test items (paired gaps, 95% intervals, verdicts)
 - ``mux.notebook``, ``mux.params``, ``mux.reporting``, ``mux.plots``, ``mux.env``: notebook support
   (a training's configuration, parameter checks, metrics and verdicts, figures, devices)
 
@@ -76,6 +77,8 @@ from .params import ParameterError, check_parameters
 from .reporting import (accuracy_verdict, paper_vs_ours, read_metrics, se_of_difference, summary_table, verdict_margin,
                         verdict_table, write_metrics)
 from .notebook import train_config
+from .stats import (PairedDifference, expected_half_width, gap_metrics, gap_table, interval_warning, items_needed,
+                    paired_difference, paired_difference_over_seeds, verdict)
 from .throughput import count_macs, flops_per_instance, measure_throughput, throughput_ratios
 from .training import (
     TrainConfig,
