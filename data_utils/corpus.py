@@ -28,16 +28,19 @@ import os
 from functools import partial
 from itertools import chain, islice
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from mux.grouping import IGNORE_INDEX  # -100: positions that are not scored
 
+from .hub import PARQUET_EXPORT, check_hub_dataset
 from .images import DatasetUnavailableError
 from .text import looks_like_path, text_splits
 
 __all__ = [
     "HUB_CORPORA",
+    "HubCorpus",
     "LOCAL_FORMATS",
     "load_pretraining_corpus",
     "mlm_collator",
@@ -45,10 +48,26 @@ __all__ = [
     "corpus_stats",
 ]
 
-# Short names of the full-scale corpora -> (Hub dataset id, configuration).
+class HubCorpus(NamedTuple):
+    """Where a named corpus lives on the Hub: ``datasets.load_dataset(repo, config, revision=revision)``."""
+
+    repo: str
+    config: str | None
+    revision: str | None = None  # None: the default branch, "main"
+
+
+# Short names of the full-scale corpora -> their Hub dataset (data_utils/hub_repos.json describes
+# each at this revision, for the check made without the Hub).
+# * wikipedia: wikimedia/wikipedia holds Parquet files on its default branch; "20231101.en" is
+#   the English dump of 1 November 2023.
+# * bookcorpus: the default branch of bookcorpus/bookcorpus holds only a loading script
+#   (bookcorpus.py), which datasets >= 4 refuses ("Dataset scripts are no longer supported").
+#   The Hub's automatic Parquet export of it, the branch refs/convert/parquet, holds the same
+#   rows as Parquet files (one column, "text") and loads without a script. There datasets sees
+#   a single configuration, "default", not the script's "plain_text": config stays None.
 HUB_CORPORA = {
-    "wikipedia": ("wikimedia/wikipedia", "20231101.en"),
-    "bookcorpus": ("bookcorpus/bookcorpus", None),
+    "wikipedia": HubCorpus("wikimedia/wikipedia", "20231101.en"),
+    "bookcorpus": HubCorpus("bookcorpus/bookcorpus", None, PARQUET_EXPORT),
 }
 
 # File extension -> the ``datasets`` builder that reads it.
@@ -201,7 +220,17 @@ def _local_files(source) -> tuple[str, list[str]]:
     return builders.pop(), nonempty
 
 
+_LOCAL_ALTERNATIVE = ("use source='offline' (the Python documentation, no download), or put the text into local "
+                      "files (.txt one document per line, .jsonl/.csv/.parquet with a text column) and pass their "
+                      "folder as source.")
+
+
 def _hub_error(name: str, err: Exception) -> DatasetUnavailableError:
+    if "scripts are no longer supported" in str(err):  # the check found nothing, datasets did
+        return DatasetUnavailableError(
+            f"could not load the dataset {name!r} from the Hugging Face Hub: it is defined by a loading script, "
+            f"which datasets >= 4 no longer runs ({type(err).__name__}: {err}). Load its Parquet export "
+            f"(revision={PARQUET_EXPORT!r}), or {_LOCAL_ALTERNATIVE}")
     return DatasetUnavailableError(
         f"could not load the dataset {name!r} from the Hugging Face Hub (offline, or the Hub could not be "
         f"reached: {type(err).__name__}: {err}). Offline? Use source='offline' (the Python documentation, "
@@ -210,14 +239,33 @@ def _hub_error(name: str, err: Exception) -> DatasetUnavailableError:
         "with internet access first.")
 
 
+def _hub_source(name: str) -> HubCorpus:
+    """The Hub dataset of a short name of :data:`HUB_CORPORA`, or of a dataset id (default branch)."""
+    return HUB_CORPORA.get(name, HubCorpus(name, None))
+
+
+def _hub_label(hub: HubCorpus) -> str:
+    details = [d for d in (hub.config, hub.revision and f"revision {hub.revision}") if d]
+    return hub.repo if not details else f"{hub.repo} ({', '.join(details)})"
+
+
+def _check_hub_parts(names: list[str]) -> None:
+    """Check every part of a Hub corpus before any is read: a bad one fails before the others stream."""
+    for name in names:
+        hub = _hub_source(name)
+        check_hub_dataset(hub.repo, hub.revision, hub.config, source=f"corpus source {name!r}",
+                          alternative=_LOCAL_ALTERNATIVE)
+
+
 def _hub_part(name: str, split: str, *, streaming: bool, cache_dir, column: str, limit):
     """One Hub dataset, reduced to its text column (first ``limit`` documents when given)."""
     import datasets
 
-    repo, config = HUB_CORPORA.get(name, (name, None))
-    label = repo if config is None else f"{repo} ({config})"
+    hub = _hub_source(name)
+    label = _hub_label(hub)
     try:
-        ds = datasets.load_dataset(repo, config, split=split, streaming=streaming, cache_dir=cache_dir)
+        ds = datasets.load_dataset(hub.repo, hub.config, split=split, streaming=streaming, cache_dir=cache_dir,
+                                   revision=hub.revision)
         if streaming:  # the Hub is read while iterating: its failures surface here
             return _take(ds, column, limit, label), "text"
     except (ValueError, TypeError, KeyError):
@@ -273,11 +321,18 @@ def load_pretraining_corpus(source="offline", tokenizer=None, max_length: int = 
       never sees a validation or test sentence of the tasks, nor any sentence of their topics.
       ``seed`` is used only here.
     * a Hub dataset: ``"wikipedia"`` (``wikimedia/wikipedia``, configuration ``20231101.en``),
-      ``"bookcorpus"`` (``bookcorpus/bookcorpus``), ``"wikipedia+bookcorpus"`` (both, concatenated:
-      BERT's and the MUX-PLMs paper's corpus; any names joined by ``+``), or any other dataset id,
-      passed to ``datasets.load_dataset(id, split=split, cache_dir=cache_dir)``. These hold one
-      split, ``"train"``. When the Hub cannot be reached, a :class:`DatasetUnavailableError` names
-      the dataset and the alternatives (``"offline"``, or local files).
+      ``"bookcorpus"`` (``bookcorpus/bookcorpus`` at revision ``refs/convert/parquet``, the Hub's
+      Parquet export: its default branch holds only a loading script, which ``datasets`` >= 4
+      refuses), ``"wikipedia+bookcorpus"`` (both, concatenated: BERT's and the MUX-PLMs paper's
+      corpus; any names joined by ``+``), or any other dataset id, passed to
+      ``datasets.load_dataset(id, split=split, cache_dir=cache_dir)`` (see :data:`HUB_CORPORA`).
+      These hold one split, ``"train"``. Before any part is read, each is checked
+      (:func:`data_utils.hub.check_hub_dataset`: the Hub, or the saved description
+      ``hub_repos.json`` when offline): a dataset that does not exist or holds only a loading
+      script raises a :class:`DatasetUnavailableError` naming the source, the repository and
+      what to do. When the Hub cannot be reached while loading, a
+      :class:`DatasetUnavailableError` names the dataset and the alternatives (``"offline"``, or
+      local files).
     * local files: a ``.txt``, ``.json``/``.jsonl``, ``.csv`` or ``.parquet`` file, a list of
       them, or a folder (searched recursively for those extensions; one format per corpus;
       empty files are skipped). ``.txt``: one document (or line) per line, read by
@@ -368,6 +423,7 @@ def load_pretraining_corpus(source="offline", tokenizer=None, max_length: int = 
         if not all(names):
             raise ValueError(f"source {source!r}: expected Hub dataset names joined by '+', e.g. "
                              "'wikipedia+bookcorpus'")
+        _check_hub_parts(names)  # a missing or script-only source fails here, before any part is read
         parts = []
         for i, part in enumerate(names):
             limit = None if max_examples is None else max_examples // len(names) + (i < max_examples % len(names))

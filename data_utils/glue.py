@@ -5,8 +5,9 @@ GLUE (Wang et al., 2018) is the benchmark the multiplexing papers (DataMUX, MUX-
 them: text columns, label names, evaluation splits, metrics.
 
 * :func:`load_glue_task` builds one task, from the Hub (``data_dir=None``, needs the internet or a
-  filled cache) or from local files (``data_dir``: ``train.tsv``, ``validation.csv``, ... in the
-  Hub's columns). The items are dicts with ``labels``, padded by
+  filled cache) or from local files (``data_dir``: GLUE's own ``train.tsv`` and ``dev.tsv``
+  (MNLI: ``dev_matched.tsv``, ``dev_mismatched.tsv``) as its download gives them, or
+  ``train.csv``, ``validation.csv``, ... in the Hub's columns). The items are dicts with ``labels``, padded by
   ``transformers.DataCollatorWithPadding``, exactly like the offline tasks of
   :func:`data_utils.text.load_text_task`.
 * :func:`glue_metrics` computes a task's metrics (scikit-learn and scipy only: Matthews
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .hub import check_hub_dataset
 from .images import DatasetUnavailableError
 from .text import IGNORE_INDEX, EncodedDataset, TextTask, encode_texts
 
@@ -40,6 +42,8 @@ __all__ = [
     "GLUE_HUB_PATH",
     "GLUE_TASKS",
     "GLUE_FILE_EXTENSIONS",
+    "GLUE_DEV_FILES",
+    "GLUE_TSV_LAYOUT",
     "CONLL_LABELS",
     "GlueSpec",
     "GlueTask",
@@ -54,6 +58,25 @@ GLUE_HUB_PATH = "nyu-mll/glue"
 
 # Local file formats, in the order a split's file is looked for.
 GLUE_FILE_EXTENSIONS = ("csv", "tsv", "json", "jsonl", "parquet")
+
+# GLUE's own distribution (the files of its download script) names the dev splits differently.
+GLUE_DEV_FILES = {"validation": "dev.tsv", "validation_matched": "dev_matched.tsv",
+                  "validation_mismatched": "dev_mismatched.tsv"}
+
+# The columns of GLUE's own TSV files, which are not the Hub's: (header line?, 0-based columns of
+# the text(s), column of the label; -1 the last), as GLUE's reference readers take them. CoLA's
+# files have no header; MRPC's label is its first column ("Quality"); MNLI's is "gold_label".
+GLUE_TSV_LAYOUT = {
+    "cola": (False, (3,), 1),
+    "sst2": (True, (0,), 1),
+    "mrpc": (True, (3, 4), 0),
+    "qqp": (True, (3, 4), 5),
+    "stsb": (True, (7, 8), -1),
+    "mnli": (True, (8, 9), -1),
+    "qnli": (True, (1, 2), -1),
+    "rte": (True, (1, 2), -1),
+    "wnli": (True, (1, 2), -1),
+}
 
 STSB_RANGE = (0.0, 5.0)
 
@@ -298,8 +321,12 @@ def _check_tokenizer(tokenizer, max_length, caller: str) -> None:
 
 
 def _expected_files(spec: GlueSpec) -> str:
+    """The local files of a task, both ways, with their columns: for messages."""
     exts = "|".join(GLUE_FILE_EXTENSIONS)
-    return ", ".join(f"{split}.{{{exts}}}" for split in spec.splits)
+    hub = ", ".join(f"{split}.{{{exts}}}" for split in spec.splits)
+    glue = ", ".join(["train.tsv"] + [GLUE_DEV_FILES[s] for s in spec.eval_splits])
+    return (f"{glue} as GLUE's download gives them, or {hub} with the columns "
+            f"{list(spec.text_columns) + ['label']} (the Hub's)")
 
 
 @contextmanager
@@ -317,16 +344,56 @@ def _quiet_datasets():
             datasets.enable_progress_bars()
 
 
+def _split_file_names(split: str) -> list[str]:
+    return [f"{split}.{ext}" for ext in GLUE_FILE_EXTENSIONS] + ([GLUE_DEV_FILES[split]] if split in GLUE_DEV_FILES
+                                                                 else [])
+
+
 def _find_split_file(data_dir: Path, split: str, spec: GlueSpec) -> Path:
-    found = [data_dir / f"{split}.{ext}" for ext in GLUE_FILE_EXTENSIONS if (data_dir / f"{split}.{ext}").is_file()]
+    names = _split_file_names(split)
+    found = [data_dir / n for n in names if (data_dir / n).is_file()]
     if not found:
-        tried = ", ".join(f"{split}.{ext}" for ext in GLUE_FILE_EXTENSIONS)
         raise FileNotFoundError(f"no file for split {split!r} of GLUE task {spec.name!r}: tried '{data_dir / split}.*' "
-                                f"({tried}); expected the files {_expected_files(spec)} in '{data_dir}'")
+                                f"({', '.join(names)}); expected the files {_expected_files(spec)} in '{data_dir}'")
     if len(found) > 1:
         raise ValueError(f"several files for split {split!r} of GLUE task {spec.name!r} in '{data_dir}': "
                          f"{[p.name for p in found]}; keep one")
     return found[0]
+
+
+def _tsv_header(path: Path) -> list[str]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return f.readline().rstrip("\r\n").split("\t")
+
+
+def _read_glue_tsv(path: Path, split: str, spec: GlueSpec):
+    """A TSV file of GLUE's own distribution (:data:`GLUE_TSV_LAYOUT`) as a Dataset in the Hub's columns."""
+    import datasets
+
+    has_header, text_at, label_at = GLUE_TSV_LAYOUT[spec.name]
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"'{path}' is not UTF-8 text ({e})") from e
+    need = max(*text_at, label_at) + 1
+    first = 2 if has_header else 1
+    rows = []
+    for number, line in enumerate(lines[first - 1:], start=first):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < need:
+            raise ValueError(
+                f"'{path}' line {number} has {len(fields)} tab-separated field(s): it is neither a file in the "
+                f"Hub's columns (a header naming {list(spec.text_columns) + ['label']}) nor one of GLUE's own "
+                f"{spec.name} files ({'a header, then ' if has_header else 'no header; '}the text in column(s) "
+                f"{[i + 1 for i in text_at]} and the label in column {'the last' if label_at < 0 else label_at + 1}, "
+                f"at least {need} fields)")
+        rows.append(fields)
+    data = {column: [r[i] for r in rows] for column, i in zip(spec.text_columns, text_at)}
+    data["label"] = [r[label_at] for r in rows]
+    return datasets.Dataset.from_dict(data)
 
 
 def _read_local_file(path: Path, split: str, spec: GlueSpec, cache_dir):
@@ -334,6 +401,8 @@ def _read_local_file(path: Path, split: str, spec: GlueSpec, cache_dir):
     import datasets
 
     ext = path.suffix[1:]
+    if ext == "tsv" and not set(spec.text_columns) | {"label"} <= set(_tsv_header(path)):
+        return _read_glue_tsv(path, split, spec)  # GLUE's own columns, not the Hub's
     kwargs = {}
     if ext in ("csv", "tsv"):
         # Text stays text: no "NA" / "null" -> NaN, no all-digit sentence -> int.
@@ -358,6 +427,9 @@ def _load_raw(spec: GlueSpec, data_dir, cache_dir) -> dict[str, tuple[object, st
     import datasets
 
     if data_dir is None:
+        check_hub_dataset(GLUE_HUB_PATH, None, spec.name, source=f"GLUE task {spec.name!r}",
+                          alternative=f"put the task's files {_expected_files(spec)} into a folder and pass "
+                                      "data_dir=that folder.")
         try:
             raw = datasets.load_dataset(GLUE_HUB_PATH, spec.name,
                                         cache_dir=None if cache_dir is None else str(cache_dir))
@@ -365,9 +437,9 @@ def _load_raw(spec: GlueSpec, data_dir, cache_dir) -> dict[str, tuple[object, st
             raise DatasetUnavailableError(
                 f"could not load GLUE task {spec.name!r} from the Hugging Face Hub dataset '{GLUE_HUB_PATH}' "
                 f"(config {spec.name!r}): the Hub was unreachable or the dataset is not in the cache "
-                f"({type(e).__name__}: {e}). Offline? Put the task's files {_expected_files(spec)}, with the "
-                f"columns {list(spec.text_columns) + ['label']}, into a folder and pass data_dir=that folder; "
-                f"or run once with internet access (cache_dir keeps the download)."
+                f"({type(e).__name__}: {e}). Offline? Put the task's files {_expected_files(spec)} into a "
+                f"folder and pass data_dir=that folder; or run once with internet access (cache_dir keeps the "
+                f"download)."
             ) from e
         missing = [s for s in spec.splits if s not in raw]
         if missing:
@@ -456,16 +528,28 @@ def load_glue_task(name: str, tokenizer, data_dir=None, max_length: int = 128, c
     """Build GLUE task ``name`` (one of :data:`GLUE_TASKS`) as a :class:`GlueTask`.
 
     **Source.** With ``data_dir=None``: ``datasets.load_dataset("nyu-mll/glue", name,
-    cache_dir=cache_dir)``, which needs the internet or a cache already holding it; when it
-    fails, a :class:`~data_utils.images.DatasetUnavailableError` says so and how to use local
-    files. With ``data_dir``: one file per split in that folder, ``train`` and the dev split(s)
-    (``validation``; for ``mnli`` ``validation_matched`` and ``validation_mismatched``), each
-    ``{split}.csv``, ``.tsv``, ``.json``, ``.jsonl`` (JSON lines) or ``.parquet``, with a header /
-    keys naming the task's text columns (:data:`GLUE_TASKS`) and ``label``; other columns (``idx``)
-    are ignored. A ``.tsv`` is read literally (tab-separated, no quoting, as GLUE's own TSVs); a
-    ``.csv`` with the usual double-quote quoting; in both, text is never turned into a number or
-    NaN. The files go through ``datasets.load_dataset`` (builders ``csv``, ``json``,
-    ``parquet``), which caches an Arrow copy under ``cache_dir`` (default: the ``datasets`` cache).
+    cache_dir=cache_dir)``, which needs the internet or a cache already holding it. The Hub
+    dataset is checked first (:func:`data_utils.hub.check_hub_dataset`; offline, against the
+    saved description ``hub_repos.json``); when it is missing or cannot be loaded, a
+    :class:`~data_utils.images.DatasetUnavailableError` says so and how to use local files.
+    With ``data_dir``: one file per split in that folder, ``train`` and the dev split(s), in
+    either of two layouts (one file per split; two for the same split raise a ValueError):
+
+    * GLUE's own files, as its download script unpacks them: ``train.tsv`` and ``dev.tsv``
+      (``mnli``: ``dev_matched.tsv`` and ``dev_mismatched.tsv``), in GLUE's columns
+      (:data:`GLUE_TSV_LAYOUT`: e.g. CoLA without a header, MRPC's label ``Quality`` first,
+      MNLI's ``gold_label`` last). A ``.tsv`` whose header lacks the Hub's columns is read
+      this way.
+    * files in the Hub's columns, named after the Hub's splits: ``train``, ``validation`` (for
+      ``mnli`` ``validation_matched`` and ``validation_mismatched``), each ``{split}.csv``,
+      ``.tsv``, ``.json``, ``.jsonl`` (JSON lines) or ``.parquet``, with a header / keys naming
+      the task's text columns (:data:`GLUE_TASKS`) and ``label``; other columns (``idx``) are
+      ignored. These go through ``datasets.load_dataset`` (builders ``csv``, ``json``,
+      ``parquet``), which caches an Arrow copy under ``cache_dir`` (default: the ``datasets``
+      cache).
+
+    A ``.tsv`` is read literally (tab-separated, no quoting, as GLUE's own TSVs); a ``.csv``
+    with the usual double-quote quoting; in both, text is never turned into a number or NaN.
 
     **Checks** (each a ValueError / FileNotFoundError that says what was expected): a task name
     not in the nine; a missing file (names the path tried and the files expected); a file without

@@ -204,7 +204,7 @@ def test_hub_unreachable_gives_a_clear_error(tokenizer, monkeypatch):
     with pytest.raises(DatasetUnavailableError, match=r"'wikimedia/wikipedia \(20231101\.en\)'.*Hub could not be "
                                                       r"reached.*local files"):
         load_pretraining_corpus("wikipedia", tokenizer)
-    assert calls == [HUB_CORPORA["wikipedia"]]
+    assert calls == [HUB_CORPORA["wikipedia"][:2]]
     with pytest.raises(DatasetUnavailableError, match="'someone/corpus'"):
         load_pretraining_corpus("someone/corpus", tokenizer, streaming=True, max_examples=10)
 
@@ -217,15 +217,16 @@ def test_hub_parts_are_concatenated(tokenizer, monkeypatch):
             "bookcorpus/bookcorpus": datasets.Dataset.from_dict({"text": TEXT[2:]})}
     seen = []
 
-    def load(repo, config=None, split=None, streaming=False, cache_dir=None):
-        seen.append((repo, config, split, streaming))
+    def load(repo, config=None, split=None, streaming=False, cache_dir=None, revision=None):
+        seen.append((repo, config, split, streaming, revision))
         return fake[repo].to_iterable_dataset() if streaming else fake[repo]
 
     monkeypatch.setattr(datasets, "load_dataset", load)
     ds = load_pretraining_corpus("wikipedia+bookcorpus", tokenizer, pack=False)
     assert ds["input_ids"] == tokenizer(TEXT)["input_ids"]
-    assert seen == [("wikimedia/wikipedia", "20231101.en", "train", False),
-                    ("bookcorpus/bookcorpus", None, "train", False)]
+    # bookcorpus: the Hub's Parquet export (its default branch holds only a loading script)
+    assert seen == [("wikimedia/wikipedia", "20231101.en", "train", False, None),
+                    ("bookcorpus/bookcorpus", None, "train", False, "refs/convert/parquet")]
     # max_examples is shared between the parts; streaming takes the first documents of each
     for streaming in (False, True):
         ds = load_pretraining_corpus("wikipedia+bookcorpus", tokenizer, pack=False, max_examples=3, streaming=streaming)

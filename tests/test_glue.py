@@ -243,6 +243,67 @@ def test_missing_files(tok, tmp_path):
         load("cola", tok, tmp_path / "nowhere")
 
 
+def test_missing_file_message_states_both_layouts(tok, tmp_path):
+    """The instructions name exactly the files the loader looks for, and their columns."""
+    d = tmp_path / "empty"
+    d.mkdir()
+    with pytest.raises(FileNotFoundError) as info:
+        load("mrpc", tok, d)
+    message = str(info.value)
+    assert "train.tsv, dev.tsv as GLUE's download gives them" in message
+    assert "validation.{csv|tsv|json|jsonl|parquet}" in message
+    assert "['sentence1', 'sentence2', 'label'] (the Hub's)" in message
+    assert "tried" in message and "dev.tsv" in message.split("tried")[1]
+    with pytest.raises(FileNotFoundError, match=r"dev_matched\.tsv, dev_mismatched\.tsv"):
+        load("mnli", tok, d)
+
+
+def _write_lines(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def test_glue_own_tsv_files_are_read(tok, tmp_path):
+    """GLUE's download (train.tsv, dev.tsv) in its own columns, as its reference readers take them."""
+    cola = tmp_path / "CoLA"
+    cola.mkdir()  # no header: source, label, original mark, sentence
+    _write_lines(cola / "train.tsv", ["gj04\t1\t\tThe cat sat on the mat.", "gj04\t0\t*\tCat the mat sat on."])
+    _write_lines(cola / "dev.tsv", ["gj04\t0\t*\tSat mat the.", "gj04\t1\t\tThe dog barked."])
+    task = load("cola", tok, cola)
+    assert task.train.texts == ["The cat sat on the mat.", "Cat the mat sat on."] and task.train.labels == [1, 0]
+    assert task.val.texts == ["Sat mat the.", "The dog barked."] and task.val.labels == [0, 1]
+
+    mrpc = tmp_path / "MRPC"
+    mrpc.mkdir()  # the label first ("Quality"), the sentences in columns 4 and 5
+    header = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"
+    _write_lines(mrpc / "train.tsv", [header, "1\t1\t2\tThe cat sat.\tA cat sat.",
+                                      "0\t3\t4\tIt rains.\tThe sky is blue."])
+    _write_lines(mrpc / "dev.tsv", [header, "0\t5\t6\tA dog.\tTwo men play chess."])
+    task = load("mrpc", tok, mrpc)
+    assert task.train.texts == [("The cat sat.", "A cat sat."), ("It rains.", "The sky is blue.")]
+    assert task.train.labels == [1, 0] and task.val.labels == [0]
+
+    mnli = tmp_path / "MNLI"
+    mnli.mkdir()  # premise and hypothesis in columns 9 and 10, gold_label last
+    cols = ["index", "promptID", "pairID", "genre", "s1_binary", "s2_binary", "s1_parse", "s2_parse",
+            "sentence1", "sentence2", "label1", "gold_label"]
+    row = lambda p, h, y: "\t".join(["0", "1", "2", "fiction", "(", "(", "(", "(", p, h, y, y])  # noqa: E731
+    _write_lines(mnli / "train.tsv", ["\t".join(cols), row("The cat sat.", "A cat sat.", "entailment")])
+    _write_lines(mnli / "dev_matched.tsv", ["\t".join(cols), row("It rains.", "It is dry.", "contradiction")])
+    _write_lines(mnli / "dev_mismatched.tsv", ["\t".join(cols), row("A dog.", "An animal.", "neutral")])
+    task = load("mnli", tok, mnli)
+    assert task.train.texts == [("The cat sat.", "A cat sat.")] and task.train.labels == [0]
+    assert task.eval_splits["validation_matched"].labels == [2]
+    assert task.eval_splits["validation_mismatched"].labels == [1]
+
+    _write_lines(mrpc / "dev.tsv", [header, "0\t5\tA dog."])  # a short row: named, with what was expected
+    with pytest.raises(ValueError, match=r"dev\.tsv' line 2 has 3 tab-separated field\(s\).*Hub's columns.*"
+                                         r"GLUE's own mrpc files.*column\(s\) \[4, 5\].*label in column 1"):
+        load("mrpc", tok, mrpc)
+    write_rows(mrpc / "validation.csv", ["sentence1", "sentence2", "label"], [("A.", "B.", 1)])
+    with pytest.raises(ValueError, match=r"several files for split 'validation'.*validation\.csv.*dev\.tsv"):
+        load("mrpc", tok, mrpc)
+
+
 def test_hub_unreachable_gives_a_clear_error(tok, monkeypatch):
     import datasets
 
