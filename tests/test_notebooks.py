@@ -196,8 +196,8 @@ MIXVIT_TINY = dict(dataset="imagefolder", image_size=16, patch_size=4, backbone=
 
 @pytest.mark.notebook
 @pytest.mark.parametrize("bad, message", [
-    (dict(subnetworks=1), "subnetworks (M)"),
-    (dict(alpha=0.0), "alpha must be positive"),
+    (dict(subnetworks=1), "parameter 'subnetworks' should be int >= 2, got 1 (int); Input should be greater than or equal to 2"),
+    (dict(alpha=0.0), "parameter 'alpha' should be float > 0, got 0.0 (float); Input should be greater than 0"),
     (dict(patch_size=3), "digits images are 8 pixels wide, not a multiple of patch_size 3"),
     (dict(timm_name="vit_small_patch16_224"), "which this timm model has not"),
 ])
