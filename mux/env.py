@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
+import shutil
 
 import torch
 
-__all__ = ["device_of", "pick_device", "cuda_has_native_bf16", "versions"]
+__all__ = ["device_of", "pick_device", "cuda_has_native_bf16", "gpu_problem", "nvidia_device_present", "versions"]
 
 COURSE_PACKAGES = (
     "torch", "torchvision", "timm", "transformers", "accelerate", "scikit-learn",
@@ -42,6 +44,33 @@ def cuda_has_native_bf16() -> bool:
         return torch.cuda.is_bf16_supported(including_emulation=False)
     except TypeError:  # torch < 2.3: no including_emulation argument
         return torch.cuda.get_device_capability() >= (8, 0)
+
+
+def nvidia_device_present() -> bool:
+    """Whether this machine has an NVIDIA GPU and driver, whatever torch makes of it: ``nvidia-smi`` on
+    the PATH or the driver's ``/proc/driver/nvidia`` folder."""
+    return shutil.which("nvidia-smi") is not None or os.path.isdir("/proc/driver/nvidia")
+
+
+def gpu_problem() -> str | None:
+    """Why training would not run on a GPU here (``None``: torch sees a usable CUDA GPU).
+
+    A full-scale run asks for this before it starts, because ``device: auto`` silently falls back to the
+    CPU (in fp32, for days) when torch cannot use the GPU: a CPU-only torch build, no GPU at all, or a
+    driver too old for the CUDA version torch was built with."""
+    cuda = torch.version.cuda
+    if cuda is None:
+        return (f"this torch ({torch.__version__}) is a CPU-only build (torch.version.cuda is None): "
+                "install a CUDA build of torch (see environment.yml)")
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        return None
+    if nvidia_device_present():
+        return (f"an NVIDIA driver is present (nvidia-smi or /proc/driver/nvidia) but torch cannot use it: "
+                f"torch.cuda.is_available() is False. This torch was built for CUDA {cuda}; the driver is probably "
+                f"too old for it (nvidia-smi shows the highest CUDA version the driver supports), or "
+                f"CUDA_VISIBLE_DEVICES hides every GPU: update the driver or install a torch built for an older CUDA")
+    return ("no GPU found: torch.cuda.device_count() is 0 and there is no NVIDIA device (no nvidia-smi, no "
+            "/proc/driver/nvidia); run on a machine with a GPU")
 
 
 def versions(packages=COURSE_PACKAGES) -> dict[str, str]:

@@ -19,6 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted((ROOT / "configs").glob("*.yaml"))
 
 
+@pytest.fixture(autouse=True)
+def a_usable_gpu(request, monkeypatch):
+    """The runs here are of test notebooks on this CPU machine: the GPU check passes, except in its own tests."""
+    if "gpu" not in request.node.name:
+        monkeypatch.setattr(runs, "gpu_problem", lambda: None)
+
+
 def test_there_is_a_configuration_for_every_chapter_with_full_scale_runs():
     books = {runs.load_config(p).notebook for p in CONFIG_FILES}
     assert books == {"01_datamux.ipynb", "03_mux_plms.ipynb", "04_vision_mux.ipynb", "05_mixvit.ipynb"}
@@ -295,3 +302,62 @@ def test_a_torchvision_dataset_is_exported_as_an_image_folder(tmp_path, monkeypa
 
     splits = image_folder(tmp_path / "c100", image_size=32)
     assert splits.class_names == ["apple", "aquarium_fish"] and splits.sizes() == {"train": 3, "val": 0, "test": 2}
+
+
+# ---------------------------------------------------------------- a missing or unusable GPU
+
+def fake_cuda(monkeypatch, *, build="12.4", available=False, count=0, nvidia=False):
+    import os
+    import shutil
+
+    import torch
+
+    from mux import env
+
+    monkeypatch.setattr(torch.version, "cuda", build)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/nvidia-smi" if nvidia else None)
+    real_isdir = os.path.isdir
+    monkeypatch.setattr(os.path, "isdir", lambda p: nvidia if p == "/proc/driver/nvidia" else real_isdir(p))
+    return env
+
+
+@pytest.mark.parametrize("fake, expected", [
+    (dict(build=None), "CPU-only build (torch.version.cuda is None)"),
+    (dict(build="12.4"), "no GPU found: torch.cuda.device_count() is 0 and there is no NVIDIA device"),
+    (dict(build="12.8", nvidia=True), "torch.cuda.is_available() is False. This torch was built for CUDA 12.8; "
+                                      "the driver is probably too old"),
+])
+def test_gpu_problem_names_each_reason(monkeypatch, fake, expected):
+    env = fake_cuda(monkeypatch, **fake)
+    assert expected in env.gpu_problem()
+
+
+def test_a_usable_gpu_is_no_problem(monkeypatch):
+    env = fake_cuda(monkeypatch, available=True, count=1, nvidia=True)
+    assert env.gpu_problem() is None
+
+
+def test_a_configuration_that_needs_a_gpu_is_refused_without_one_unless_the_cpu_is_asked_for(course, tmp_path,
+                                                                                            monkeypatch):
+    books, configs = course
+    write_config(configs, "needs_gpu")
+    fake_cuda(monkeypatch, build="12.8", nvidia=True)
+    with pytest.raises(runs.ConfigError, match=r"needs_gpu: resources.gpus is 1 and device is 'auto', but an NVIDIA "
+                                               r"driver is present .* CUDA 12.8.*pass -p device cpu"):
+        runs.run_configs(configs, tmp_path / "runs", notebooks=books)
+    assert not (tmp_path / "runs").exists()  # refused before anything ran
+    config = runs.load_config(configs / "needs_gpu.yaml")
+    runs.check_gpu(config, {"device": "cpu"})  # on purpose: not refused
+    fake_cuda(monkeypatch, build=None)
+    with pytest.raises(runs.ConfigError, match="CPU-only build"):
+        runs.check_gpu(config, {"device": "cuda"})
+
+
+def test_the_command_line_refuses_without_a_gpu(tmp_path, monkeypatch, capsys):
+    fake_cuda(monkeypatch, build="12.4")
+    target = str(ROOT / "configs" / "datamux_mnist.yaml")
+    assert main(["full", target, "--runs", str(tmp_path / "runs")]) == 2
+    assert "datamux_mnist: resources.gpus is 1 and device is 'auto', but no GPU found" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

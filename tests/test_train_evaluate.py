@@ -582,3 +582,36 @@ def test_eval_fn_must_return_a_dict(value):
         _tag_train(lambda m: value, max_steps=2)
     with pytest.raises(ValueError, match="eval_every"):
         mux.TrainConfig(eval_every=-1)
+
+
+# ---------------------------------------------------------------- plain progress lines for logs
+
+def test_progress_lines_go_to_the_file_the_environment_names(tiny_digits, tmp_path, monkeypatch):
+    import logging
+
+    log = tmp_path / "progress.log"
+    monkeypatch.setenv(parts.PROGRESS_FILE, str(log))
+    monkeypatch.setenv(parts.PROGRESS_EVERY, "3")
+    logger = logging.getLogger(parts.LOGGER)
+    try:
+        mux.train(_model(), tiny_digits[0], _cfg(max_steps=7, log_every=2, eval_every=5, description="tiny"), 2,
+                  eval_fn=lambda m: {"accuracy": 0.5})
+    finally:
+        for handler in [h for h in logger.handlers if getattr(h, "mux_progress", None)]:
+            logger.removeHandler(handler)
+            handler.close()
+        logger.setLevel(logging.NOTSET)
+    lines = log.read_text().splitlines()
+    steps = [line.split("[tiny] ")[1] for line in lines]
+    assert [s.split()[1] for s in steps] == ["3/7", "5/7", "6/7", "7/7", "7/7"], lines  # every 3, the last, evaluations
+    assert "evaluation: accuracy 0.5000" in steps[1] and "evaluation: accuracy 0.5000" in steps[4]
+    for text in (steps[0], steps[2], steps[3]):
+        assert " loss " in text and " lr " in text and " steps/s ETA " in text
+    assert steps[3].endswith("ETA 0:00:00")
+
+
+def test_without_the_environment_training_prints_no_progress_line(tiny_digits, monkeypatch, capsys):
+    monkeypatch.delenv(parts.PROGRESS_FILE, raising=False)
+    mux.train(_model(), tiny_digits[0], _cfg(max_steps=3, log_every=1, progress=False), 2)
+    captured = capsys.readouterr()
+    assert "steps/s" not in captured.out + captured.err

@@ -6,6 +6,8 @@
     python -m mux.runner.course full CONFIG_OR_FOLDER [--runs runs] [--data-root data] [--smoke] [-p NAME VALUE]... [-y YAML]
     python -m mux.runner.course report [--runs runs] [--configs configs]
     python -m mux.runner.course check-configs [--configs configs]
+    python -m mux.runner.course preflight CONFIG_OR_FOLDER [--offline] [--json F] [--rates F] [--smoke] [--steps K]
+        [--device cuda|cpu] [--skip-data] [-p NAME VALUE]...
 
 ``run`` executes every ``NN_*.ipynb`` with papermill (in the notebook's folder, as
 JupyterLab would), writes the executed copies to ``<out>/executed/`` and the metrics to
@@ -19,7 +21,9 @@ diff: papermill's timing metadata and finished progress bars.
 
 ``full`` runs named full-scale configurations (``configs/*.yaml``) into ``runs/<name>/``, skipping
 finished ones and resuming interrupted ones; ``report`` gathers every run beside the papers'
-figures; ``check-configs`` checks every configuration against its notebook (see :mod:`mux.runner.runs`).
+figures; ``check-configs`` checks every configuration against its notebook (see :mod:`mux.runner.runs`);
+``preflight`` projects each configuration's models, memory, disk and GPU-hours, and on the target machine
+measures them (see :mod:`mux.runner.preflight`).
 """
 from __future__ import annotations
 
@@ -160,8 +164,11 @@ def main(argv=None) -> int:
     rep.add_argument("--configs", default=None, help="the configurations (default: the repository's configs/)")
     chk = sub.add_parser("check-configs", help="check every configuration against its notebook")
     chk.add_argument("--configs", default=None, help="the configurations (default: the repository's configs/)")
+    _preflight_parser(sub)
     args = parser.parse_args(argv)
 
+    if args.command == "preflight":
+        return _preflight_command(args)
     if args.command in ("full", "report", "check-configs"):
         return _runs_command(args)
 
@@ -179,6 +186,42 @@ def main(argv=None) -> int:
     metrics = read_metrics(Path(args.out) / "metrics")
     print("\n" + summary_table(metrics))
     return 0
+
+
+def _preflight_parser(sub) -> None:
+    pre = sub.add_parser("preflight", help="project (or, on the target machine, measure) each configuration's cost")
+    pre.add_argument("target", help="a configuration file, or a folder of them (e.g. configs/)")
+    pre.add_argument("--offline", action="store_true", help="CPU only, no data: models on the meta device, formulas")
+    pre.add_argument("--json", help="write the report as JSON to this file")
+    pre.add_argument("--rates", help="measured instances/s (a preflight's JSON) instead of the assumed rates")
+    pre.add_argument("--smoke", action="store_true", help="apply each configuration's smoke overrides")
+    pre.add_argument("--steps", type=int, default=50, help="training steps of each model kind (not --offline)")
+    pre.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="where to measure (not --offline)")
+    pre.add_argument("--skip-data", action="store_true", help="do not read the data sources (not --offline)")
+    pre.add_argument("--data-root", default=os.environ.get("MUX_DATA_ROOT", "data"))
+    pre.add_argument("--runs", default="runs")
+    pre.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
+
+
+def _preflight_command(args) -> int:
+    import json
+
+    from . import runs
+    from .preflight import preflight
+
+    overrides = {k: _parse_value(v) for k, v in args.parameter}
+    try:
+        result = preflight(args.target, offline=args.offline, smoke=args.smoke, overrides=overrides,
+                           data_root=args.data_root, runs_folder=args.runs, steps=args.steps, device=args.device,
+                           rates=args.rates, data=not args.skip_data)
+    except runs.ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    for name, problems in result["problems"].items():
+        print(f"{name}: " + "; ".join(problems), file=sys.stderr)
+    return 1 if result["problems"] and not args.offline else 0
 
 
 def _runs_command(args) -> int:

@@ -18,7 +18,8 @@ and ``{runs}`` (the runs folder, so that one run can start from another's output
 
 :func:`run_config` executes the notebook with papermill into ``runs/<name>/``: the executed
 notebook, ``metrics/<stem>.json``, ``checkpoints/`` (the notebook's ``checkpoint_dir``),
-``run.log`` (everything the notebook printed) and ``run.json`` (the run's identity and
+``run.log`` (everything the notebook printed, and a plain progress line of every training every 200 steps,
+``MUX_PROGRESS_EVERY``, also echoed to the job's stderr) and ``run.json`` (the run's identity and
 status). Running the same configuration again skips a finished run and resumes an
 interrupted one: the notebook runs again with the same ``checkpoint_dir``, so every model
 already trained is loaded from its final checkpoint and one killed mid-way resumes from its
@@ -36,16 +37,20 @@ import json
 import math
 import os
 import re
+import signal
 import socket
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..env import gpu_problem
 from ..params import check_value, declared_parameters
 from ..reporting import atomic_write
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "config_files", "check_config", "resolve_parameters",
-           "run_config", "run_configs", "report", "ROOT", "CONFIGS", "NOTEBOOKS"]
+           "check_gpu", "run_config", "run_configs", "report", "ROOT", "CONFIGS", "NOTEBOOKS"]
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
@@ -238,6 +243,76 @@ def _check_processes(config: RunConfig, params: dict) -> None:
             raise ConfigError(f"{config.name}: {err}") from err
 
 
+@contextmanager
+def termination_as_interrupt(log=print):
+    """While a run executes, SIGTERM (SLURM's pre-emption or time limit, a scheduler's stop) is
+    passed on to the notebook's kernel as SIGINT, so the training finishes its step, saves a
+    checkpoint and stops (:mod:`mux.training.interrupt`), instead of this process dying at once and
+    taking the kernel with it. Yields a dict whose ``"signal"`` is set once SIGTERM arrived.
+
+    SLURM signals every process of the job, the kernel included; the kernel counts that signal
+    and this forwarded one, a moment apart, as one request (see ``StopRequest``)."""
+    import psutil
+
+    seen: dict = {"signal": None}
+
+    def forward(signum, frame):
+        seen["signal"] = signum
+        log(f"{signal.Signals(signum).name}: asking the notebook's kernel to finish its step and save a checkpoint")
+        for child in psutil.Process().children():
+            try:
+                child.send_signal(signal.SIGINT)
+            except psutil.NoSuchProcess:
+                pass
+
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+PROGRESS_EVERY = 200  # steps between two progress lines in run.log, unless MUX_PROGRESS_EVERY says otherwise
+
+
+@contextmanager
+def progress_environment(log_file: Path):
+    """The kernel's environment while a run executes: ``mux.train`` appends a plain progress line every
+    ``MUX_PROGRESS_EVERY`` steps (and at each evaluation) to ``log_file`` and to the job's stderr, since the
+    notebook's progress bars are widgets that reach neither (:class:`mux.training.parts.ProgressReport`)."""
+    wanted = {"MUX_PROGRESS_FILE": str(log_file), "MUX_PROGRESS_EVERY": os.environ.get("MUX_PROGRESS_EVERY")
+              or str(PROGRESS_EVERY)}
+    before = {k: os.environ.get(k) for k in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def check_gpu(config: RunConfig, params: dict) -> None:
+    """Refuse to start a configuration whose ``resources.gpus`` asks for a GPU that torch cannot use.
+
+    ``device: auto`` would otherwise fall back to the CPU in fp32 without a word (a driver too old for
+    the CUDA build of torch, a CPU-only torch). A ``device`` of ``cpu`` (or ``mps``) in the parameters,
+    the smoke overrides or the command line (``-p device cpu``) is taken as meant, and not checked."""
+    wanted = config.resources.get("gpus", 0)
+    device = str(params.get("device", "auto")).lower()
+    if wanted < 1 or device.startswith(("cpu", "mps")):
+        return
+    problem = gpu_problem()
+    if problem:
+        raise ConfigError(f"{config.name}: resources.gpus is {wanted} and device is {device!r}, but {problem}. "
+                          f"To run on the CPU on purpose (slow, in fp32), pass -p device cpu")
+
+
 def run_config(config: RunConfig, runs: str | Path = "runs", data_root: str | Path = "data", smoke: bool = False,
                overrides: dict | None = None, notebooks: str | Path = NOTEBOOKS, log=print) -> dict:
     """Run one configuration into ``<runs>/<name>/``; return its ``run.json`` record.
@@ -276,6 +351,7 @@ def run_config(config: RunConfig, runs: str | Path = "runs", data_root: str | Pa
         if record["status"] == "running" and _alive(record.get("pid", -1), record.get("host", "")):
             raise ConfigError(f"{config.name} is already running in '{folder}' (process {record['pid']} on "
                               f"{record['host']}); wait for it or stop it first")
+    check_gpu(config, params)
     folder.mkdir(parents=True, exist_ok=True)
     attempts = (record or {}).get("attempts", 0) + 1
     record = {"identity": identity, "status": "running", "attempts": attempts, "pid": os.getpid(),
@@ -295,14 +371,20 @@ def run_config(config: RunConfig, runs: str | Path = "runs", data_root: str | Pa
             out.write(line + "\n")
             out.flush()
 
-        try:
-            execute_notebook(book, folder / config.notebook, full, cwd=str(book.parent), log_output=False,
-                             stdout_file=out, stderr_file=out, log=retrying)
-        except BaseException as err:
-            record.update(status="failed" if isinstance(err, Exception) else "interrupted", error=str(err)[-2000:],
-                          seconds=record["seconds"] + time.perf_counter() - started)
-            _write_json(record_path, record)
-            raise
+        with termination_as_interrupt(retrying) as terminated:
+            try:
+                with progress_environment(folder / "run.log"):
+                    execute_notebook(book, folder / config.notebook, full, cwd=str(book.parent), log_output=False,
+                                     stdout_file=out, stderr_file=out, log=retrying)
+            except BaseException as err:
+                stopped = terminated["signal"] is not None or not isinstance(err, Exception)
+                record.update(status="interrupted" if stopped else "failed", error=str(err)[-2000:],
+                              seconds=record["seconds"] + time.perf_counter() - started)
+                _write_json(record_path, record)
+                if terminated["signal"] is not None:
+                    raise KeyboardInterrupt(f"{config.name}: stopped by SIGTERM after saving; run it again "
+                                            "to resume") from err
+                raise
     metrics = folder / "metrics" / f"{stem}.json"
     if not metrics.is_file():
         record.update(status="failed", error=f"the notebook finished without writing {metrics}")
@@ -313,6 +395,13 @@ def run_config(config: RunConfig, runs: str | Path = "runs", data_root: str | Pa
     _write_json(record_path, record)
     log(f"    finished in {time.perf_counter() - started:.0f} s: {metrics}")
     return record
+
+
+def _finished(record_path: Path) -> bool:
+    try:
+        return json.loads(record_path.read_text())["status"] == "finished"
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _now() -> str:
@@ -338,6 +427,9 @@ def run_configs(target: str | Path, runs: str | Path = "runs", data_root: str | 
     configs = [load_config(p) for p in config_files(target)]
     for config in configs:
         check_config(config, notebooks, overrides)
+    for config in configs:  # every refusal for want of a GPU before the first run starts (finished ones skip)
+        if not _finished(Path(runs) / config.name / "run.json"):
+            check_gpu(config, resolve_parameters(config, data_root, runs, smoke, overrides))
     configs = _in_order(configs)
     records, failed = {}, []
     for config in configs:

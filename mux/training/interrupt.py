@@ -1,8 +1,9 @@
 """Stopping a training run cleanly: Ctrl-C (SIGINT) or a scheduler's SIGTERM.
 
 The first signal asks the loop to stop after the step in flight; the loop then saves a
-checkpoint and raises :class:`TrainingInterrupted`. A second signal raises a plain
-``KeyboardInterrupt`` at once, without saving. SLURM and Kubernetes send SIGTERM before they
+checkpoint and raises :class:`TrainingInterrupted`. A second signal, more than a second after
+the first, raises a plain ``KeyboardInterrupt`` at once, without saving (two within a second
+are one request: SLURM signals the kernel and the course's runner, which passes it on). SLURM and Kubernetes send SIGTERM before they
 kill a job, so a preempted run resumes from the step it was told to stop at.
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -39,13 +41,17 @@ class StopRequest:
     Installed only in the main thread (Python delivers signals there); elsewhere Ctrl-C is a
     plain ``KeyboardInterrupt``. :meth:`agreed` is the request as every process sees it."""
 
+    SAME_REQUEST_SECONDS = 1.0  # signals this close together are one request (SLURM and a forwarding runner)
+
     def __init__(self):
-        self.requested, self._previous = False, {}
+        self.requested, self._previous, self._first = False, {}, 0.0
 
     def _handler(self, signum, frame):
         if self.requested:
+            if time.monotonic() - self._first <= self.SAME_REQUEST_SECONDS:
+                return  # SLURM signals the kernel and the runner, which passes it on: both are one request
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self._first = True, time.monotonic()
         print(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint (a second signal stops "
               "at once, without saving)", file=sys.stderr, flush=True)
 

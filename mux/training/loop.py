@@ -51,8 +51,8 @@ from .checkpoints import Progress, model_fingerprint, refuse_existing, resume, r
 from .config import TrainConfig, TrainResult
 from .data import build_loader, micro_batches
 from .interrupt import StopRequest, TrainingInterrupted
-from .parts import (adamw, deterministic_algorithms, hands_over, loss_terms, make_accelerator, process_launcher,
-                    rng_restore, rng_snapshot, seed_everything)
+from .parts import (ProgressReport, adamw, deterministic_algorithms, hands_over, loss_terms, make_accelerator,
+                    process_launcher, rng_restore, rng_snapshot, seed_everything)
 
 __all__ = ["train"]
 
@@ -101,6 +101,7 @@ def train(
     bar = tqdm(total=cfg.max_steps, initial=p.step, desc=cfg.description, leave=False, mininterval=0.5,
                disable=not (cfg.progress and accelerator.is_local_main_process))
     totals, counted, updating, rng = {}, 0, False, None
+    report = ProgressReport(cfg, p.step, accelerator.is_main_process)  # plain lines for logs (see parts.py)
     try:
         with StopRequest() as stop, deterministic_algorithms(cfg.deterministic):
             while p.step < cfg.max_steps:
@@ -122,21 +123,19 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 p.step, updating, counted = p.step + 1, False, counted + 1
                 if p.step % cfg.log_every == 0 or p.step == cfg.max_steps:
-                    names = sorted(totals)
-                    means = accelerator.reduce(torch.stack([totals[k] for k in names]) / counted, "mean").tolist()
-                    p.history.append({"step": p.step, "lr": scheduler.get_last_lr()[0], **dict(zip(names, means))})
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in zip(names, means)}, refresh=False)
+                    log_means(accelerator, totals, counted, p, scheduler.get_last_lr()[0], bar)
                     totals, counted = {}, 0
                 bar.update(1)
+                report.step(p.step, p.history, scheduler.get_last_lr()[0])
                 if cfg.eval_every and p.step % cfg.eval_every == 0 or p.step == cfg.max_steps:
-                    evaluate_in_place(accelerator, model, eval_fn, p)
+                    evaluate_in_place(accelerator, model, eval_fn, p, report)
                 if root is not None and cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0:
                     save()
                 if stop.agreed(accelerator) and p.step < cfg.max_steps:
                     if root is not None and p.step != p.last_saved:
                         save()
                     raise TrainingInterrupted(p.step, root)
-        evaluate_in_place(accelerator, model, eval_fn, p)  # a run resumed at its last step is evaluated here
+        evaluate_in_place(accelerator, model, eval_fn, p, report)  # a run resumed at its last step is evaluated here
         if root is not None and p.step != p.last_saved:
             save()
     except TrainingInterrupted:
@@ -168,7 +167,16 @@ def save_between_steps(accelerator: Accelerator, save, p: Progress, rng) -> None
               file=sys.stderr, flush=True)
 
 
-def evaluate_in_place(accelerator: Accelerator, model: nn.Module, eval_fn, p: Progress) -> None:
+def log_means(accelerator: Accelerator, totals: dict, counted: int, p: Progress, lr: float, bar) -> None:
+    """Append the mean of every loss term since the last log line (over every process) to the history."""
+    names = sorted(totals)
+    means = accelerator.reduce(torch.stack([totals[k] for k in names]) / counted, "mean").tolist()
+    p.history.append({"step": p.step, "lr": lr, **dict(zip(names, means))})
+    bar.set_postfix({k: f"{v:.3f}" for k, v in zip(names, means)}, refresh=False)
+
+
+def evaluate_in_place(accelerator: Accelerator, model: nn.Module, eval_fn, p: Progress,
+                      report: ProgressReport | None = None) -> None:
     """``eval_fn`` on the model at step ``p.step`` (once per step), in eval mode, RNG states put back after."""
     if eval_fn is None or (p.evaluations and p.evaluations[-1]["step"] == p.step):
         return
@@ -184,3 +192,5 @@ def evaluate_in_place(accelerator: Accelerator, model: nn.Module, eval_fn, p: Pr
     if not isinstance(values, Mapping):
         raise TypeError(f"eval_fn must return a dict of numbers, got {type(values).__name__}")
     p.evaluations.append({"step": p.step, **{k: float(v) for k, v in values.items()}})
+    if report is not None:
+        report.evaluation(p.step, p.evaluations[-1])

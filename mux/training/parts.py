@@ -2,8 +2,12 @@
 RNG snapshots, loss terms, and where a run of several processes is handed over."""
 from __future__ import annotations
 
+import datetime
+import logging
 import os
 import random
+import sys
+import time
 from collections.abc import Mapping
 from contextlib import contextmanager
 from importlib.metadata import entry_points
@@ -20,9 +24,12 @@ from .config import TrainConfig
 
 __all__ = ["seed_everything", "resolve_precision", "make_accelerator", "adamw", "no_weight_decay_names",
            "rng_snapshot", "rng_restore", "deterministic_algorithms", "loss_terms", "world_size", "hands_over", "LAUNCHERS",
-           "process_launcher"]
+           "process_launcher", "LOGGER", "PROGRESS_EVERY", "PROGRESS_FILE", "progress_handlers", "ProgressReport"]
 
 LAUNCHERS = "mux.launchers"  # entry-point group of the function that trains in K new processes
+LOGGER = "mux.training"  # the logger of the plain-text progress lines (INFO)
+PROGRESS_EVERY = "MUX_PROGRESS_EVERY"  # environment: steps between two progress lines (default: log_every)
+PROGRESS_FILE = "MUX_PROGRESS_FILE"  # environment: a file the progress lines are appended to, and echoed to stderr
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -172,3 +179,64 @@ def process_launcher():
         raise RuntimeError(f"num_processes > 1 needs the launcher registered under the entry point group {LAUNCHERS!r} "
                            "by the installed course package: install it with `pip install -e .` (or `make install`)")
     return found[0].load()
+
+
+def progress_handlers() -> logging.Logger:
+    """The ``mux.training`` logger, with plain handlers when the environment asks for them.
+
+    A progress bar in a notebook kernel is a widget: it reaches neither a run's log nor a batch job's
+    output. So when ``MUX_PROGRESS_FILE`` is set (the full-scale runner sets it for the kernel), every
+    progress line is appended to that file and echoed to the process's original stderr
+    (``sys.__stderr__``, which a kernel shares with the job that started it). Without it the lines are
+    INFO records that no handler prints by default, so a notebook's outputs do not change."""
+    logger = logging.getLogger(LOGGER)
+    path = os.environ.get(PROGRESS_FILE)
+    if not path or any(getattr(h, "mux_progress", None) == path for h in logger.handlers):
+        return logger
+    for handler in [h for h in logger.handlers if getattr(h, "mux_progress", None)]:
+        logger.removeHandler(handler)  # another file than the one asked for now
+        handler.close()
+    handlers = [logging.FileHandler(path, mode="a", encoding="utf-8")]
+    if sys.__stderr__ is not None:
+        handlers.append(logging.StreamHandler(sys.__stderr__))
+    for handler in handlers:
+        handler.mux_progress = path
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return logger
+
+
+class ProgressReport:
+    """A plain-text line every K steps, at the last step and at every evaluation (step, loss, lr, steps/s, ETA).
+
+    K is ``MUX_PROGRESS_EVERY`` from the environment, else the run's ``log_every``. Only the main process
+    writes; the losses are the newest means of the run's history (every ``log_every`` steps)."""
+
+    def __init__(self, cfg: TrainConfig, start_step: int, is_main: bool):
+        self.tag, self.total, self.start_step, self.is_main = cfg.description, cfg.max_steps, start_step, is_main
+        try:
+            self.every = max(1, int(os.environ.get(PROGRESS_EVERY) or cfg.log_every))
+        except ValueError:
+            raise ValueError(f"{PROGRESS_EVERY} must be a whole number of steps, got "
+                             f"{os.environ.get(PROGRESS_EVERY)!r}") from None
+        self.logger = progress_handlers()
+        self.started = time.perf_counter()
+
+    def rate(self, step: int) -> float:
+        """Steps a second since this run started (or resumed)."""
+        return (step - self.start_step) / max(time.perf_counter() - self.started, 1e-9)
+
+    def step(self, step: int, history: list[dict], lr: float) -> None:
+        if not self.is_main or (step % self.every and step != self.total):
+            return
+        rate = self.rate(step)
+        eta = datetime.timedelta(seconds=round((self.total - step) / rate)) if rate > 0 else "?"
+        last = history[-1] if history else {}
+        terms = " ".join(f"{k} {v:.4f}" for k, v in last.items() if k not in ("step", "lr"))
+        self.logger.info(f"[{self.tag}] step {step}/{self.total} {terms} lr {lr:.3g} {rate:.2f} steps/s ETA {eta}")
+
+    def evaluation(self, step: int, values: Mapping) -> None:
+        if self.is_main:
+            text = " ".join(f"{k} {v:.4f}" for k, v in values.items() if k != "step")
+            self.logger.info(f"[{self.tag}] step {step}/{self.total} evaluation: {text}")
