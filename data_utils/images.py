@@ -13,7 +13,11 @@
   when the dataset is built, not when training first reads them.
 
 Images are float tensors in [0, 1] (no mean/std normalisation) everywhere, with or without
-training augmentation (``augment="timm"``: timm's DeiT recipe on the training split only).
+training augmentation (``augment="timm"``: timm's DeiT recipe on the training split only),
+unless ``normalize`` is given: ``(mean, std)``, or the name of a timm model whose pretrained
+weights are to be fine-tuned (:func:`timm_normalization` reads their mean and std from timm's
+pretrained config), and then every split is normalised with it (``DatasetSplits.normalization``
+records it, so that a teacher reading [0, 1] images can undo it).
 :class:`MixupCollate` adds timm's Mixup/CutMix as a ``collate_fn`` (soft labels ``(B, C)``,
 which :func:`mux.losses.classification_loss` scores with a soft-target cross-entropy).
 
@@ -44,6 +48,7 @@ __all__ = [
     "image_folder",
     "load_image_dataset",
     "timm_train_transform",
+    "timm_normalization",
     "MixupCollate",
 ]
 
@@ -65,6 +70,7 @@ class DatasetSplits:
     in_shape: tuple[int, int, int]
     class_names: list[str]
     name: str
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # (mean, std) applied; None: [0, 1]
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
@@ -125,8 +131,66 @@ def _check_augment(augment: str) -> str:
     return augment
 
 
-def timm_train_transform(image_size: int):
-    """timm's training transform of the DeiT recipe, giving float images in [0, 1].
+def timm_normalization(model) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The ``(mean, std)`` a timm model's pretrained weights expect, from timm's pretrained config.
+
+    ``model``: a timm model name (``"vit_base_patch16_224"``, optionally with a ``.tag``; the model is
+    built on the meta device, so nothing is downloaded or allocated) or a timm model; read through
+    ``timm.data.resolve_data_config`` (its ``pretrained_cfg``). For example ``vit_base_patch16_224``
+    (augreg ImageNet-21k + 1k weights): mean = std = (0.5, 0.5, 0.5); ``cait_s24_224``: ImageNet's
+    (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225).
+    """
+    import timm
+    from timm.data import resolve_data_config
+
+    if isinstance(model, str):
+        with torch.device("meta"):
+            model = timm.create_model(model, pretrained=False)
+    config = resolve_data_config({}, model=model)
+    return tuple(float(v) for v in config["mean"]), tuple(float(v) for v in config["std"])
+
+
+def _resolve_normalize(normalize, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """``normalize`` (None, ``(mean, std)`` or a timm model name) as ``(mean, std)`` for ``channels``."""
+    if normalize is None:
+        return None
+    mean, std = timm_normalization(normalize) if isinstance(normalize, str) else normalize
+    mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    if len(mean) != len(std) or len(mean) not in (1, channels):
+        raise ValueError(f"normalize: a mean and a std of one value or of one per channel ({channels}), got "
+                         f"mean {mean} and std {std}")
+    if not all(v > 0 for v in std):
+        raise ValueError(f"normalize: every std must be > 0, got {std}")
+    return mean, std
+
+
+def _normalizing(transform, normalization):
+    """``transform`` followed by torchvision's ``Normalize(mean, std)`` (``transform`` when None)."""
+    if normalization is None:
+        return transform
+    from torchvision import transforms
+
+    return transforms.Compose([transform, transforms.Normalize(*normalization)])
+
+
+class _NormalizedTensors(Dataset):
+    """The ``(image, label)`` items of ``dataset`` with the image normalised by ``(mean, std)``."""
+
+    def __init__(self, dataset, normalization):
+        self.dataset = dataset
+        self.mean, self.std = (torch.tensor(v).view(-1, 1, 1) for v in normalization)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        image, label = self.dataset[i]
+        return (image - self.mean) / self.std, label
+
+
+def timm_train_transform(image_size: int, mean: tuple[float, ...] = (0.0, 0.0, 0.0),
+                         std: tuple[float, ...] = (1.0, 1.0, 1.0)):
+    """timm's training transform of the DeiT recipe, giving float images in [0, 1] (by default).
 
     ``timm.data.create_transform(image_size, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
     re_prob=0.25, interpolation="bicubic", mean=(0, 0, 0), std=(1, 1, 1))``: a random resized crop
@@ -144,12 +208,17 @@ def timm_train_transform(image_size: int):
     draws) timm's ``PosterizeIncreasing`` keeps 0 bits, which Pillow before 13 turned into a black
     image and Pillow 13 refuses with a ValueError (in the middle of an epoch); here 0 bits give the
     black image again, as in the runs of the papers.
+
+    ``mean`` / ``std`` other than 0 / 1 (a pretrained model's, see :func:`timm_normalization`): the
+    tensor is normalised as timm normalises it, before the random erasing, so an erased box is 0 in
+    normalised units (the mean colour), as in timm's own fine-tuning recipes; the evaluation
+    transform then normalises with the same values.
     """
     from timm.data import create_transform
     from timm.data.auto_augment import RandAugment
 
     transform = create_transform(image_size, is_training=True, auto_augment=TIMM_AUTO_AUGMENT, re_prob=TIMM_RE_PROB,
-                                 re_mode="const", interpolation="bicubic", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+                                 re_mode="const", interpolation="bicubic", mean=tuple(mean), std=tuple(std))
     for step in transform.transforms:
         if isinstance(step, RandAugment):
             for op in step.ops:
@@ -266,7 +335,7 @@ def _needs_rgb(name: str) -> ValueError:
 
 
 def load_torchvision(name: str, root: str | Path = "data", download: bool = True, val_fraction: float = 0.1,
-                     seed: int = 0, augment: str = "none") -> DatasetSplits:
+                     seed: int = 0, augment: str = "none", normalize=None) -> DatasetSplits:
     """MNIST, Fashion-MNIST, CIFAR-10 or CIFAR-100 from torchvision, as tensors in [0, 1].
 
     With ``download=True``, processes that load the same dataset at once (``torchrun``, ``accelerate
@@ -280,6 +349,9 @@ def load_torchvision(name: str, root: str | Path = "data", download: bool = True
     strong augmentation for 32-pixel images (the usual CIFAR recipe pads and crops instead); nothing
     is tuned here for small images. The validation split (held out of the same training set) and the
     test split stay unaugmented, in [0, 1] like the training images.
+
+    ``normalize`` (``(mean, std)`` or a timm model name, see :func:`timm_normalization`): every split
+    normalised with it after the conversion to a tensor (the training split inside timm's transform).
     """
     import torchvision
     from torchvision import transforms
@@ -290,9 +362,10 @@ def load_torchvision(name: str, root: str | Path = "data", download: bool = True
     if _check_augment(augment) == "timm" and _TORCHVISION[name][1][0] != 3:
         raise _needs_rgb(name)
     cls_name, in_shape, num_classes = _TORCHVISION[name]
+    normalization = _resolve_normalize(normalize, in_shape[0])
     cls = getattr(torchvision.datasets, cls_name)
     root = Path(root)
-    tf = transforms.ToTensor()
+    tf = _normalizing(transforms.ToTensor(), normalization)
     failure = None
     with _one_download_at_a_time(root, name, download):
         try:
@@ -309,9 +382,15 @@ def load_torchvision(name: str, root: str | Path = "data", download: bool = True
         ) from failure
     names = list(getattr(full, "classes", [str(i) for i in range(num_classes)]))
     keep, held = _stratified_split(_targets(full), val_fraction, seed, names)
-    train = _with_transform(full, timm_train_transform(in_shape[-1])) if augment == "timm" else full
+    train = _with_transform(full, _timm_train(in_shape[-1], normalization)) if augment == "timm" else full
     return DatasetSplits(Subset(train, keep.tolist()), Subset(full, held.tolist()), test, num_classes, in_shape,
-                         names, name)
+                         names, name, normalization)
+
+
+def _timm_train(image_size: int, normalization):
+    """:func:`timm_train_transform`, normalised inside it when ``normalization`` is given."""
+    return timm_train_transform(image_size) if normalization is None else timm_train_transform(image_size,
+                                                                                               *normalization)
 
 
 def _layout(root: Path) -> str:
@@ -450,7 +529,7 @@ def _tiny_imagenet_val(root: Path, train):
 
 
 def image_folder(root: str | Path, image_size: int = 224, val_fraction: float = 0.0, seed: int = 0,
-                 verify: bool = True, augment: str = "none") -> DatasetSplits:
+                 verify: bool = True, augment: str = "none", normalize=None) -> DatasetSplits:
     """An ImageNet-style tree: ``root/train/<class>/*`` and ``root/val/<class>/*``; or TinyImageNet.
 
     Images are resized (shorter side), centre-cropped to ``image_size`` and scaled to [0, 1].
@@ -467,6 +546,10 @@ def image_folder(root: str | Path, image_size: int = 224, val_fraction: float = 
     recipe: random resized crop to ``image_size``, flip, RandAugment, random erasing), still in
     [0, 1]; the validation (held-out) and test splits keep the evaluation transform above, so their
     items are those of ``augment="none"``. The two training-split datasets share one file list.
+
+    ``normalize`` (``(mean, std)`` or a timm model name, see :func:`timm_normalization`): every split
+    normalised with it after the conversion to a tensor (the training split inside timm's transform).
+    The evaluation crop stays the whole resized image (crop fraction 1.0, not timm's 0.9 or 0.875).
 
     Only files with an image extension (``.jpg``, ``.jpeg``, ``.png``, ``.ppm``, ``.bmp``, ``.pgm``,
     ``.tif``, ``.tiff``, ``.webp``) are images; other files are skipped, as torchvision's
@@ -491,7 +574,9 @@ def image_folder(root: str | Path, image_size: int = 224, val_fraction: float = 
             f"image folder '{root}' lacks {', '.join(s + '/' for s in missing)}{where}: {_layouts(root)}. "
             f"{_HOW_TO_GET}"
         )
-    tf = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor()])
+    normalization = _resolve_normalize(normalize, 3)
+    tf = _normalizing(transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size),
+                                          transforms.ToTensor()]), normalization)
     train = _class_folders(root / "train", tf, root)
     if (root / "val" / "val_annotations.txt").is_file():
         test = _tiny_imagenet_val(root, train)
@@ -518,29 +603,40 @@ def image_folder(root: str | Path, image_size: int = 224, val_fraction: float = 
                 f"{min(len(bad), 5)}: {shown}). Remove or replace them (re-copy or re-extract the data); "
                 f"pass verify=False to skip this check for a large folder you trust."
             )
-    augmented = _with_transform(train, timm_train_transform(image_size)) if augment == "timm" else train
+    augmented = _with_transform(train, _timm_train(image_size, normalization)) if augment == "timm" else train
     return DatasetSplits(Subset(augmented, keep.tolist()), Subset(train, held.tolist()), test, len(train.classes),
-                         (3, image_size, image_size), list(train.classes), "imagefolder")
+                         (3, image_size, image_size), list(train.classes), "imagefolder", normalization)
 
 
 def load_image_dataset(name: str, root: str | Path = "data", download: bool = True, seed: int = 0,
-                       image_size: int = 224, verify: bool = True, augment: str = "none") -> DatasetSplits:
+                       image_size: int = 224, verify: bool = True, augment: str = "none",
+                       normalize=None) -> DatasetSplits:
     """Any course image dataset by name: one of ``IMAGE_DATASETS``.
 
     ``verify`` applies to ``imagefolder`` only (see :func:`image_folder`); ``download`` to the torchvision ones.
     ``augment``: ``"none"`` or ``"timm"`` (training split only, RGB data sets: ``cifar10``, ``cifar100``,
     ``imagefolder``; see :func:`image_folder` and :func:`load_torchvision`); ``digits``, ``mnist`` and
     ``fashion_mnist`` are grey and refuse ``"timm"``.
+    ``normalize``: None (images in [0, 1]), ``(mean, std)``, or a timm model name whose pretrained
+    config gives them (:func:`timm_normalization`): every split normalised, recorded in the result's
+    ``normalization``. Pass it when fine-tuning pretrained weights, which were trained on normalised
+    images; a grey data set takes one value (or one per channel) only.
     """
     _check_augment(augment)
     if name == "digits":
         if augment == "timm":
             raise _needs_rgb(name)
-        return load_digits_splits(seed=seed)
+        splits = load_digits_splits(seed=seed)
+        normalization = _resolve_normalize(normalize, splits.in_shape[0])
+        if normalization is None:
+            return splits
+        return DatasetSplits(*(_NormalizedTensors(s, normalization) for s in (splits.train, splits.val, splits.test)),
+                             splits.num_classes, splits.in_shape, splits.class_names, splits.name, normalization)
     if name in _TORCHVISION:
-        return load_torchvision(name, root, download=download, seed=seed, augment=augment)
+        return load_torchvision(name, root, download=download, seed=seed, augment=augment, normalize=normalize)
     if name == "imagefolder":
-        return image_folder(root, image_size=image_size, seed=seed, verify=verify, augment=augment)
+        return image_folder(root, image_size=image_size, seed=seed, verify=verify, augment=augment,
+                            normalize=normalize)
     raise ValueError(f"unknown dataset {name!r}; expected one of {list(IMAGE_DATASETS)}")
 
 

@@ -89,6 +89,40 @@ def test_timm_augmentation_on_the_training_split_only(tmp_path):
         image_folder(root, image_size=16).sizes()
 
 
+def test_pretrained_weights_get_images_normalised_by_their_timm_config(tmp_path):
+    from data_utils.images import timm_normalization
+
+    # the mean and std come from timm's pretrained config (nothing downloaded)
+    assert timm_normalization("vit_base_patch16_224") == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert timm_normalization("cait_s24_224") == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    root = _imagenet_tree(tmp_path)
+    plain = image_folder(root, image_size=16, val_fraction=0.25)
+    assert plain.normalization is None
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    m, s = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+    normed = image_folder(root, image_size=16, val_fraction=0.25, normalize="cait_s24_224", augment="timm")
+    assert normed.normalization == (mean, std)
+    assert load_image_dataset("imagefolder", root, image_size=16, normalize="cait_s24_224").normalization == (mean, std)
+    for part in ("val", "test"):  # the evaluation splits: the [0, 1] image, normalised
+        for i in range(len(getattr(plain, part))):
+            x, y = getattr(normed, part)[i]
+            x0, y0 = getattr(plain, part)[i]
+            assert y == y0
+            torch.testing.assert_close(x, (x0 - m) / s)
+    # the training split, through timm's transform normalised as timm does it: beyond [0, 1]
+    torch.manual_seed(0)
+    draws = torch.stack([normed.train[i % len(normed.train)][0] for i in range(8)])
+    assert draws.min() < -0.5 and draws.max() > 1.2
+    assert draws.min() >= (0 - max(mean)) / min(std) - 1e-5 and draws.max() <= (1 - min(mean)) / min(std) + 1e-5
+    # the default stays in [0, 1]; a pair given by hand; a wrong number of channels is refused
+    with_pair = image_folder(root, image_size=16, normalize=((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
+    torch.testing.assert_close(with_pair.test[0][0], plain.test[0][0] * 2 - 1)
+    with pytest.raises(ValueError, match="one per channel"):
+        image_folder(root, image_size=16, normalize=((0.5, 0.5), (0.5, 0.5)))
+    digits = load_image_dataset("digits", normalize=((0.5,), (0.5,)))
+    torch.testing.assert_close(digits.test[0][0], load_image_dataset("digits").test[0][0] * 2 - 1)
+
+
 def test_timm_posterize_at_magnitude_10_gives_a_black_image_under_any_pillow():
     """m9 with mstd0.5 reaches magnitude 10 in ~2% of draws: 0 bits, which Pillow 13 refuses."""
     import copy

@@ -583,6 +583,89 @@ def test_feature_teacher_from_clip(tiny_clip):
         projected(torch.rand(1, 2, 8, 8))
 
 
+def _matmul_dtypes(teacher):
+    """The output dtypes of every nn.Linear and the patch convolution inside the teacher's encoder, per call."""
+    seen = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+             for m in teacher.encoder.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return seen, hooks
+
+
+def test_feature_teacher_runs_its_encoder_in_the_trainings_lower_precision(vit_teacher, monkeypatch):
+    from mux.models import concatplexer as cp
+
+    _, teacher = vit_teacher
+    x = images(3, 1, 8, 8, seed=5)
+    seen, hooks = _matmul_dtypes(teacher)
+    try:
+        def dtypes_of(**autocast):
+            seen.clear()
+            if autocast:
+                with torch.autocast("cpu", **autocast):
+                    out = teacher(x)
+            else:
+                out = teacher(x)
+            assert out.dtype == torch.float32 and out.shape == (3, 8)  # features always come back in fp32
+            assert seen, "no matrix product seen"
+            return set(seen)
+
+        monkeypatch.setattr(cp, "_training_precision", lambda: None)  # no training set up: on a CPU, fp32
+        reference = teacher(x)
+        assert dtypes_of() == {torch.float32}
+        # inside an active autocast (as the student's forward under Accelerate), the teacher follows it
+        assert dtypes_of(dtype=torch.bfloat16) == {torch.bfloat16}
+        # called from the loss, outside any autocast, during a bf16 training: the training's precision
+        monkeypatch.setattr(cp, "_training_precision", lambda: "bf16")
+        assert dtypes_of() == {torch.bfloat16}
+        assert_close(teacher(x), reference, rtol=0.05, atol=0.05)  # the same features, to bf16's precision
+        monkeypatch.setattr(cp, "_training_precision", lambda: "no")  # an fp32 training: fp32
+        assert dtypes_of() == {torch.float32}
+        # asked for: bf16 whatever the training does; "no": fp32 even inside an autocast
+        teacher.precision = "bf16"
+        assert dtypes_of() == {torch.bfloat16}
+        teacher.precision = "no"
+        assert dtypes_of(dtype=torch.bfloat16) == {torch.float32}
+    finally:
+        teacher.precision = "auto"
+        for h in hooks:
+            h.remove()
+    with pytest.raises(ValueError, match="precision must be one of"):
+        mux.FeatureTeacher.from_vit(vit_teacher[0], precision="half")
+
+
+def test_feature_teacher_in_a_bf16_training_runs_in_bf16(vit_teacher):
+    """Through mux.train with mixed_precision="bf16" on the CPU: the loss calls the teacher outside the
+    autocast Accelerate puts around the student's forward, and the teacher still runs in bf16."""
+    from accelerate.state import AcceleratorState
+
+    vit, _ = vit_teacher
+    teacher = mux.FeatureTeacher.from_vit(vit, name="tiny-vit")
+    seen, hooks = _matmul_dtypes(teacher)
+    data = TensorDataset(images(8, 1, 8, 8, seed=4), torch.arange(8) % CLASSES)
+    loss = mux.ConcatPlexerLoss(clip_weight=1.0, teacher=teacher)
+    cfg = mux.TrainConfig(max_steps=2, batch_size=4, cpu=True, mixed_precision="bf16", progress=False)
+    try:
+        mux.train(concatplexer(2, 1, teacher_dim=8), data, cfg, 2, loss)
+        assert seen and set(seen) == {torch.bfloat16}
+    finally:
+        for h in hooks:
+            h.remove()
+        AcceleratorState._reset_state(reset_partial_state=True)  # later tests expect no bf16 state
+
+
+def test_feature_teacher_from_clip_undoes_the_datas_normalisation(tiny_clip):
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)  # a pretrained timm model's, say
+    rgb = images(3, 3, 16, 16, seed=8)
+    normalised = (rgb - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    plain = mux.FeatureTeacher.from_clip(str(tiny_clip), precision="no")
+    reading_normalised = mux.FeatureTeacher.from_clip(str(tiny_clip), input_normalization=(mean, std),
+                                                      precision="no")
+    assert_close(reading_normalised(normalised), plain(rgb), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(plain(normalised), plain(rgb), atol=1e-3)  # without it, other features
+    with pytest.raises(ValueError, match="input_mean and input_std go together"):
+        mux.FeatureTeacher(nn.Identity(), 4, "vit", "x", input_mean=(0.5,))
+
+
 # ---------------------------------------------------------------- save / load
 
 

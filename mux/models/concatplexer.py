@@ -31,6 +31,7 @@ notebook trained (:meth:`FeatureTeacher.from_vit`).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -128,35 +129,68 @@ class ConcatPlexerModel(SavedByFolder, nn.Module):
 
 
 class FeatureTeacher(nn.Module):
-    """A frozen image encoder: images ``(B, C, H, W)`` in [0, 1] -> features ``(B, dim)``, no gradient.
+    """A frozen image encoder: images ``(B, C, H, W)`` -> features ``(B, dim)``, no gradient.
 
-    Before the encoder, images are resized to its ``image_size`` (bilinear, antialiased),
-    grey images repeated to its number of channels, and normalised with its ``mean`` / ``std``.
-    The encoder stays in ``eval()`` mode whatever the model being trained does.
+    Before the encoder, images are brought back to [0, 1] when they arrive normalised
+    (``input_mean`` / ``input_std``: the normalisation the data pipeline applied, e.g. a
+    pretrained timm model's, :func:`data_utils.images.timm_normalization`), resized to its
+    ``image_size`` (bilinear, antialiased), grey images repeated to its number of channels,
+    and normalised with its own ``mean`` / ``std``. The encoder stays in ``eval()`` mode
+    whatever the model being trained does.
+
+    Precision. The teacher is called from the loss, outside the autocast that Accelerate wraps
+    around the student's ``forward`` only, so it would otherwise run in fp32 (for a CLIP
+    ViT-B/16 that is several times the cost of the student's bf16 step). ``precision``:
+
+    - ``"auto"`` (default): inside an autocast already active for the input's device, that one;
+      else the mixed precision of the Accelerate state set up in this process (``mux.train``'s
+      ``mixed_precision``: the training's autocast, "bf16", "fp16" or "no"); else, with no
+      training set up, bf16 on a CUDA GPU with native bf16 and fp32 elsewhere.
+    - ``"bf16"`` / ``"fp16"``: the encoder under ``torch.autocast`` of that dtype, on any device.
+    - ``"no"``: fp32, even inside an outer autocast.
+
+    The input's un-normalisation, resizing and normalisation run in fp32 before the autocast,
+    and the features are returned in fp32 (the CLIP loss L2-normalises them in fp32).
     """
+
+    PRECISIONS = ("auto", "bf16", "fp16", "no")
 
     def __init__(self, encoder: nn.Module, dim: int, kind: str, name: str, image_size: int | None = None,
                  in_chans: int | None = None, mean: tuple[float, ...] | None = None,
-                 std: tuple[float, ...] | None = None):
+                 std: tuple[float, ...] | None = None, input_mean: tuple[float, ...] | None = None,
+                 input_std: tuple[float, ...] | None = None, precision: str = "auto"):
         super().__init__()
+        if precision not in self.PRECISIONS:
+            raise ValueError(f"precision must be one of {list(self.PRECISIONS)}, got {precision!r}")
+        if (input_mean is None) != (input_std is None):
+            raise ValueError("input_mean and input_std go together: give both (the data's normalisation) or neither")
         self.encoder = encoder.eval().requires_grad_(False)
         self.dim, self.kind, self.name = check_n(dim, name="dim"), kind, name
-        self.image_size, self.in_chans = image_size, in_chans
+        self.image_size, self.in_chans, self.precision = image_size, in_chans, precision
         self.register_buffer("mean", None if mean is None else torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", None if std is None else torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("input_mean", None if input_mean is None else
+                             torch.tensor(input_mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("input_std", None if input_std is None else
+                             torch.tensor(input_std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
     @classmethod
-    def from_vit(cls, model: ViTClassifier, name: str = "vit") -> "FeatureTeacher":
+    def from_vit(cls, model: ViTClassifier, name: str = "vit", precision: str = "auto") -> "FeatureTeacher":
         """A trained :class:`~mux.models.vit.ViTClassifier`: its final CLS state (d features). The
-        teacher freezes a copy: the model given stays as it was (trainable, in its mode)."""
-        return cls(copy.deepcopy(model), model.config.embed_dim, "vit", name)
+        teacher freezes a copy: the model given stays as it was (trainable, in its mode). It reads
+        the images as the ViT was trained on them (no normalisation of its own)."""
+        return cls(copy.deepcopy(model), model.config.embed_dim, "vit", name, precision=precision)
 
     @classmethod
-    def from_clip(cls, name_or_path: str, projection: bool = True) -> "FeatureTeacher":
+    def from_clip(cls, name_or_path: str, projection: bool = True,
+                  input_normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+                  precision: str = "auto") -> "FeatureTeacher":
         """A CLIP vision encoder from ``transformers`` (a Hub id such as ``openai/clip-vit-base-patch16``,
         or a folder). ``projection=True``: ``CLIPVisionModelWithProjection``'s ``image_embeds``, CLIP's
         joint image-text space (512 features for ViT-B/16); ``False``: ``CLIPVisionModel``'s
-        ``pooler_output`` (its hidden size)."""
+        ``pooler_output`` (its hidden size). ``input_normalization``: ``(mean, std)`` the images were
+        normalised with before they reach the teacher (``DatasetSplits.normalization``), undone
+        before CLIP's own; None: images in [0, 1]."""
         from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
         from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
@@ -164,17 +198,39 @@ class FeatureTeacher(nn.Module):
         encoder = loader.from_pretrained(name_or_path)
         cfg = encoder.config
         dim = cfg.projection_dim if projection else cfg.hidden_size
+        in_mean, in_std = input_normalization if input_normalization is not None else (None, None)
         return cls(encoder, dim, "clip_projection" if projection else "clip", str(name_or_path), cfg.image_size,
-                   cfg.num_channels, tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD))
+                   cfg.num_channels, tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD), in_mean, in_std, precision)
 
     def train(self, mode: bool = True):
         super().train(mode)
         self.encoder.eval()  # frozen: dropout and norms never switch to training
         return self
 
+    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
+        """The dtype the encoder runs in on ``device`` (None: fp32, or the caller's active autocast)."""
+        if self.precision == "no" or (self.precision == "auto" and torch.is_autocast_enabled(device.type)):
+            return None
+        if self.precision in ("bf16", "fp16"):
+            return torch.bfloat16 if self.precision == "bf16" else torch.float16
+        training = _training_precision()
+        if training is not None:  # mux.train set Accelerate up in this process: follow its mixed precision
+            return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(training)
+        if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False):
+            return torch.bfloat16
+        return None
+
+    def _encoder_context(self, device: torch.device):
+        if self.precision == "no":
+            return torch.autocast(device.type, enabled=False)
+        dtype = self.autocast_dtype(device)
+        return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
         x = images.float()
+        if self.input_mean is not None:  # back to [0, 1] from the data pipeline's normalisation
+            x = x * self.input_std.to(x) + self.input_mean.to(x)
         if self.in_chans and x.shape[1] != self.in_chans:
             if x.shape[1] != 1:
                 raise ValueError(f"the teacher {self.name} reads {self.in_chans}-channel images, got {x.shape[1]}")
@@ -185,10 +241,24 @@ class FeatureTeacher(nn.Module):
         if self.mean is not None:
             x = (x - self.mean.to(x)) / self.std.to(x)
         x = x.to(next(self.encoder.parameters()).dtype)
-        if self.kind == "vit":
-            return self.encoder.features(x).float()
-        out = self.encoder(pixel_values=x)
-        return (out.image_embeds if self.kind == "clip_projection" else out.pooler_output).float()
+        with self._encoder_context(x.device):
+            if self.kind == "vit":
+                out = self.encoder.features(x)
+            else:
+                found = self.encoder(pixel_values=x)
+                out = found.image_embeds if self.kind == "clip_projection" else found.pooler_output
+        return out.float()
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, dim={self.dim}, kind={self.kind}"
+
+
+def _training_precision() -> str | None:
+    """The mixed precision of the Accelerate state set up in this process (by ``mux.train``), or None."""
+    try:
+        from accelerate.state import AcceleratorState
+    except ImportError:  # pragma: no cover - Accelerate is a dependency
+        return None
+    state = AcceleratorState._shared_state  # read, never created here: an empty dict until a training sets it up
+    value = state.get("_mixed_precision") if state else None
+    return None if value is None else str(getattr(value, "value", value))
