@@ -178,6 +178,7 @@ def evaluate(model: nn.Module, data: Dataset, n: int, batch_size: int = 256, dev
     set of 1000 x 128 tokens over a 30,522-word vocabulary would need 15.6 GB of logits);
     with ``ensemble > 1`` the passes' logits are kept, to be averaged.
     """
+    check_n(ensemble, name="ensemble (passes to average)")
     if ensemble > 1:
         logits, labels = predict_logits(model, data, n, batch_size, device, collate_fn, order_seed, ensemble)
         parts = [(torch.arange(len(labels)), logits, labels)]

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "attention_padding",
     "IGNORE_INDEX",
     "split_batch",
     "logits_of",
@@ -164,6 +165,13 @@ def union_mask(mask: Tensor) -> Tensor:
     if mask.dim() < 3:
         raise ValueError(f"expected grouped masks (B, N, L), got shape {tuple(mask.shape)}")
     return (mask != 0).any(dim=1).to(mask.dtype)
+
+
+def attention_padding(mask: Tensor | None) -> Tensor | None:
+    """A padding mask as handed to ``transformers``' attention-mask builders; ``None`` on the meta
+    device, where a model is only being measured (``mux.count_macs`` on a model built there):
+    the builders ask whether the mask is all ones, which a meta tensor cannot answer."""
+    return None if mask is None or mask.device.type == "meta" else mask
 
 
 def _outputs_as_dict(out) -> tuple[dict, type | None]:

@@ -89,7 +89,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .grouping import check_n, check_positive
+from .grouping import attention_padding, check_n, check_positive
 
 __all__ = [
     "Multiplexer",
@@ -148,7 +148,7 @@ class Multiplexer(nn.Module):
                 f"{type(self).__name__} expects a mask of shape (B, N, ...) = x.shape[:-1] = "
                 f"{tuple(x.shape[:-1])} (1 = real token, 0 = padding), got shape {tuple(mask.shape)}"
             )
-        if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+        if mask.dtype != torch.bool and mask.device.type != "meta" and bool(((mask != 0) & (mask != 1)).any()):
             raise ValueError(f"{type(self).__name__} expects a mask of 0s and 1s (or booleans), got other values")
 
     def transform(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -328,7 +328,7 @@ class ContextualMultiplexer(GaussianHadamardMultiplexer):
         """``x + layer(x)`` for ``x`` ``(rows, length, d)``, attending where ``mask`` ``(rows, length)`` is 1."""
         from transformers.masking_utils import create_bidirectional_mask
 
-        attend = create_bidirectional_mask(config=self.layer_config, inputs_embeds=x, attention_mask=_key_mask(mask))
+        attend = create_bidirectional_mask(config=self.layer_config, inputs_embeds=x, attention_mask=attention_padding(_key_mask(mask)))
         return x + layer(x, attention_mask=attend)
 
     def check_input(self, x: Tensor, mask: Tensor | None = None) -> None:

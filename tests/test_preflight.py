@@ -14,7 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted((ROOT / "configs").glob("*.yaml"))
 
 
-def test_offline_preflight_covers_every_configuration(tmp_path, capsys):
+def test_offline_preflight_covers_every_configuration(tmp_path, capsys, monkeypatch):
+    # counting every model's multiply-adds takes a minute on two cores; test_costs_count_the_work_done_once_per_instance
+    # counts one configuration's for real, and this one checks that every configuration is covered
+    monkeypatch.setattr(preflight, "macs_per_instance", lambda t: 1e9 * t.cost)
+    monkeypatch.setattr(preflight, "_MACS", {})  # (and keeps those stand-in counts out of the shared cache)
     out = tmp_path / "preflight.json"
     assert main(["preflight", str(ROOT / "configs"), "--offline", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
@@ -40,7 +44,23 @@ def test_measured_rates_override_the_assumed_ones(tmp_path):
     rates = {config.name: {k: 6000.0 for k in ("single", "embedding", "encoding", "mimo", "mixmo")}}
     assumed = preflight.offline_report(config, params)
     measured = preflight.offline_report(config, params, rates)
-    assert measured["rate_source"] == "measured" and abs(measured["gpu_hours"] * 2 - assumed["gpu_hours"]) < 0.05
+    assert measured["rate_source"] == "measured" and assumed["rate"]["instances_per_s"] == 3000
+    per_step = params["batch_size"] * params.get("grad_accum_steps", 1) * params.get("num_processes", 1)
+    for a, m in zip(assumed["trainings"], measured["trainings"]):
+        assert abs(m["gpu_hours"] - m["steps"] * per_step / 6000 / 3600) < 1e-6  # the measured rate, as it is
+        assert abs(a["gpu_hours"] / (2 * m["gpu_hours"] * a["cost_per_instance"]) - 1) < 1e-3  # half the rate, x cost
+
+
+def test_costs_count_the_work_done_once_per_instance():
+    # MUX-BERT's MLM at N = 10 runs BERT-base's encoder once per 10 sentences, but its vocabulary head
+    # (768 x 30,522 at every position) once per sentence: about 0.3 of BERT's MLM step, not 0.1
+    config = runs.load_config(ROOT / "configs" / "mux_plms_base_pretrain_n10.yaml")
+    rows = {r["model"]: r for r in preflight.offline_report(config, runs.resolve_parameters(config, "d", "r"))["trainings"]}
+    assert 0.25 < rows["MUX-BERT mlm N=10"]["cost_per_instance"] < 0.35
+    # a sentence task reads position 0 only: a tenth of the encoder, which is 0.79 of BERT's MLM step
+    assert 0.07 < rows["MUX-BERT sentence N=10"]["cost_per_instance"] < 0.09
+    assert rows["BERT mlm N=1"]["cost_per_instance"] == 1.0
+    assert rows["MUX-BERT contextual mlm N=10"]["cost_per_instance"] > rows["MUX-BERT mlm N=10"]["cost_per_instance"]
 
 
 def test_a_configuration_its_notebook_no_longer_matches_is_named(tmp_path, capsys):

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from ..demultiplexers import RSADemultiplexer
-from ..grouping import check_n, union_mask
+from ..grouping import attention_padding, check_n, union_mask
 from ..multiplexers import make_multiplexer
 from .common import SavedByFolder, copy_shared_weights, seeded
 from .tmux import TMUXConfig, TMUXModel
@@ -182,12 +182,12 @@ class MUXPLMModel(SavedByFolder, TMUXModel):
 
         bert = self.backbone
         if self.config.vanilla:  # one sentence per pass: BERT as it is
-            h = bert(input_ids=input_ids[:, 0], attention_mask=attention_mask[:, 0],
+            h = bert(input_ids=input_ids[:, 0], attention_mask=attention_padding(attention_mask[:, 0]),
                      token_type_ids=token_type_ids[:, 0]).last_hidden_state.unsqueeze(1)  # (B, 1, L, d)
             return h[:, :, 0] if first_only else h
         mixed = self.embed_and_mix(input_ids, attention_mask, token_type_ids)  # (B, L, d)
         attend = create_bidirectional_mask(config=bert.config, inputs_embeds=mixed,
-                                           attention_mask=union_mask(attention_mask))
+                                           attention_mask=attention_padding(union_mask(attention_mask)))
         h = bert.encoder(mixed, attention_mask=attend).last_hidden_state  # (B, L, d)
         return self.demux(h[:, 0] if first_only else h)  # (B, N, d) or (B, N, L, d)
 

@@ -55,7 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from ..demultiplexers import IndexDemultiplexer
-from ..grouping import IGNORE_INDEX, check_n, union_mask
+from ..grouping import IGNORE_INDEX, attention_padding, check_n, union_mask
 from ..multiplexers import MULTIPLEXERS, make_multiplexer
 from .common import copy_shared_weights, seeded
 
@@ -190,7 +190,8 @@ class TMUXModel(nn.Module):
             raise ValueError(f"sequences of {input_ids.shape[2]} tokens are longer than this model's max_length="
                              f"{c.max_length}: the model refuses rather than truncates; tokenize with truncation=True, "
                              f"max_length={c.max_length} (data_utils.load_text_task(..., max_length=...))")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= c.vocab_size):
+        if input_ids.numel() and input_ids.device.type != "meta" and (  # meta: shapes only (cost counting)
+                int(input_ids.min()) < 0 or int(input_ids.max()) >= c.vocab_size):
             raise ValueError(f"token ids must lie in [0, vocab_size={c.vocab_size}), got ids from {int(input_ids.min())} "
                              f"to {int(input_ids.max())}: was the data tokenized by another tokenizer than the model's?")
         for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
@@ -224,7 +225,7 @@ class TMUXModel(nn.Module):
         c, bert = self.config, self.backbone
         b, n, length = input_ids.shape
         if c.vanilla:  # one sentence per pass: BERT as it is
-            h = bert(input_ids=input_ids[:, 0], attention_mask=attention_mask[:, 0],
+            h = bert(input_ids=input_ids[:, 0], attention_mask=attention_padding(attention_mask[:, 0]),
                      token_type_ids=token_type_ids[:, 0]).last_hidden_state
             return h.unsqueeze(1)  # (B, 1, L, d)
         words = bert.embeddings.word_embeddings(input_ids)  # (B, N, L, d)
@@ -234,7 +235,7 @@ class TMUXModel(nn.Module):
         mask = torch.cat([attention_mask.new_ones(b, n, n), attention_mask], dim=2)  # prefix slots are real
         embedded = bert.embeddings(inputs_embeds=tokens.flatten(0, 1), token_type_ids=types.flatten(0, 1))
         mixed = self.mux(embedded.view(b, n, n + length, -1), mask)  # (B, N + L, d)
-        attend = create_bidirectional_mask(config=bert.config, inputs_embeds=mixed, attention_mask=union_mask(mask))
+        attend = create_bidirectional_mask(config=bert.config, inputs_embeds=mixed, attention_mask=attention_padding(union_mask(mask)))
         h = bert.encoder(mixed, attention_mask=attend).last_hidden_state  # (B, N + L, d)
         return self.demux(h[:, n:], prefix=h[:, :n])  # keys: the N index slots -> (B, N, L, d)
 

@@ -20,11 +20,19 @@ Formulas (also written into the JSON under ``formulas``):
   scheduler and RNG states are negligible) x ``keep_checkpoints`` (``TrainConfig``'s 2, which the
   notebooks keep: :mod:`mux.training.checkpoints` deletes older ones), plus 4 P for every stage
   model a notebook saves (03's priming and pre-training stages).
-- GPU-hours = sum over trainings of steps x batch x grad_accum x processes x cost / rate / 3600,
-  x (1 + the overhead the estimate states, "plus N%"). The rate is *assumed*, read from the
-  configuration's ``resources.estimate`` text ("2,000 sequences/s", "3,300 images/s",
-  "5-10 ms a step"), unless ``--rates F`` gives *measured* instances/s per model (the JSON a
-  preflight on the target machine wrote, or ``{config: {model: instances_per_s}}``).
+- GPU-hours = sum over trainings of max(GPU time, loader time), x (1 + the overhead the estimate
+  states, "plus N%"). GPU time = steps x batch x grad_accum x processes x cost / rate / 3600. The
+  rate is *assumed*, read from the configuration's ``resources.estimate`` text ("2,000
+  sequences/s", "3,300 images/s", "5-10 ms a step"), unless ``--rates F`` gives *measured*
+  instances/s per model (the JSON a preflight on the target machine wrote, or ``{config: {model:
+  instances_per_s}}``). The rate is that of the family's one-input model (BERT-base's MLM
+  training, ViT-B/16, the single-input CaiT), and ``cost`` is each model's multiply-adds an
+  instance over that model's, *counted* with :func:`mux.count_macs` on the models built on the
+  meta device: the multiplexed encoder once per N instances, and what runs once per instance
+  (the demultiplexer, a vocabulary head at every position, T-MUX's prefix, the contextual
+  multiplexer's layers) in full; a teacher's forward adds what the model's ``extra`` says. Loader
+  time = instances / (num_workers / the decoding time an image that the estimate states,
+  "workers / 3.4 ms").
 """
 from __future__ import annotations
 
@@ -48,8 +56,9 @@ FORMULAS = {
     "memory_gb": "(16 * params + activations) / 2**30 + 1; activations = 34 * tokens * width * layers * batch * cost "
                  "(Transformer, bf16, fused attention) or 8 * batch * (C*H*W + width*depth*spatial) (DataMUX)",
     "disk_gb": "sum over trainings of 12 * params * keep_checkpoints (2) + 4 * params per saved stage model, / 2**30",
-    "gpu_hours": "sum over trainings of steps * batch * grad_accum * processes * cost / rate / 3600 * (1 + overhead); "
-                 "rate assumed from resources.estimate unless measured (--rates)",
+    "gpu_hours": "sum over trainings of max(steps * batch * grad_accum * processes * cost / rate, instances / loader "
+                 "rate) / 3600 * (1 + overhead); rate: the one-input model's, assumed from resources.estimate unless "
+                 "measured (--rates); cost: counted multiply-adds an instance over the one-input model's (meta device)",
 }
 CLASSES = (("imagenet-1k", 1000), ("imagenet", 1000), ("tiny", 200), ("cifar-100", 100), ("cifar100", 100),
            ("cifar-10", 10), ("mnist", 10), ("digits", 10))
@@ -71,6 +80,8 @@ class Training:
     cost: float = 1.0  # backbone passes an instance, relative to the family's one-input model
     arch: dict = field(default_factory=dict)  # tokens, width, layers (Transformer) or the DataMUX sizes
     stage_saves: int = 0  # stage models the notebook saves after this training
+    extra: float = 0.0  # work beside the model, in one-input training passes (a teacher's forward)
+    reference: bool = False  # the one-input model whose rate the estimate states: counted, not trained
 
 
 def _classes(config: runs.RunConfig, params: dict) -> int:
@@ -149,7 +160,9 @@ def _mux_plms(config, p) -> tuple[list[Training], list[str]]:
                         "classes": max(labels, 2)}, cost, {"tokens": L, "width": sizes["hidden_size"],
                         "layers": sizes["num_layers"]}, saves)
 
-    plan = []
+    reference = one(1, "mlm", steps_=0)
+    reference.reference = True
+    plan = [reference]
     chains = [(n, "gaussian_hadamard") for n in mux_n] + [(cn, "contextual")]
     if not p.get("pretrained_dir"):
         plan += [one(n, "retrieval", mx, steps_=steps["prime"], saves=1) for n, mx in chains]
@@ -208,7 +221,7 @@ def _vision(config, p) -> tuple[list[Training], list[str]]:
         cfg = ConcatPlexerConfig(**common, n_mux=n, concat_point=k, teacher_dim=teacher_dim)
         name = f"cp N={n} k={k}" + (" recipe" if teacher_dim else "")
         return Training(name, n, steps, lambda: ConcatPlexerModel(cfg, load_pretrained=False), data,
-                        (k + (depth - k) / n) / depth + cost_extra, arch)
+                        (k + (depth - k) / n) / depth, arch, extra=cost_extra)
 
     k = p.get("concat_point", 1)
     plan = [one("vit", 1)] + [one("im", cn), one("cp", cn, k)]
@@ -218,8 +231,7 @@ def _vision(config, p) -> tuple[list[Training], list[str]]:
     plan += [one("cp", cn, kk) for kk in p.get("concat_points", [0, 1, 2]) if kk != k]
     teacher_dim = 512 if p.get("teacher") else sizes["embed_dim"]
     plan += [one("cp", cn, k, teacher_dim, cost_extra=1 / 3)]
-    notes.append("ConcatPlexer cost a pass: (k + (depth - k) / N) / depth of the ViT's; the CLIP recipe adds a third "
-                 "(the teacher's forward)" + ("; teacher feature size 512 assumed (CLIP ViT-B/16's projection)"
+    notes.append("the CLIP recipe adds a third of a ViT training step (the teacher's forward)" + ("; teacher feature size 512 assumed (CLIP ViT-B/16's projection)"
                                               if p.get("teacher") else ""))
     return plan, notes
 
@@ -261,7 +273,61 @@ def plan(config: runs.RunConfig, params: dict) -> tuple[list[Training], list[str
     if config.notebook not in PLANS:
         raise runs.ConfigError(f"{config.name}: preflight knows the trainings of {', '.join(PLANS)}, "
                                f"not of {config.notebook}")
-    return PLANS[config.notebook](config, params)
+    trainings, notes = PLANS[config.notebook](config, params)
+    if not any(t.reference for t in trainings):
+        for t in trainings:  # the one-input model whose rate the estimate states (04: the ViT, 05: the single CaiT)
+            if t.kind in ("vit N=1", "single"):
+                t.reference = True
+                break
+    return trainings, notes
+
+
+def macs_per_instance(t: Training) -> float:
+    """Multiply-adds of one forward pass an instance of ``t``'s model (:func:`mux.count_macs`), counted on
+    the meta device with one tuple of N synthetic instances shaped like the configuration's data."""
+    from .. import count_macs
+
+    with torch.device("meta"):
+        model = t.build().eval()
+        if "tokens" in t.data:
+            inputs = {"input_ids": torch.zeros(1, t.n, t.data["tokens"], dtype=torch.long)}
+        else:
+            inputs = {"x": torch.zeros(1, t.n, *t.data["image"])}
+    if "x" in inputs:
+        return count_macs(model, inputs["x"])["total"] / t.n
+    return count_macs(model, **inputs)["total"] / t.n
+
+
+_MACS: dict = {}
+
+
+def counted_costs(trainings: list[Training], notes: list[str]) -> dict[int, float]:
+    """Each training's cost (``id(t)`` -> multiply-adds an instance over the reference model's, plus its
+    ``extra``); the hand-written ``t.cost`` where counting fails (then said in ``notes``)."""
+    def macs(t):
+        key = (t.kind, t.n, json.dumps([t.data, t.arch], sort_keys=True, default=str))
+        if key not in _MACS:  # the same model in sibling configurations is counted once
+            _MACS[key] = macs_per_instance(t)
+        return _MACS[key]
+
+    reference = next((t for t in trainings if t.reference), None)
+    try:
+        base = macs(reference) if reference is not None else None
+        costs = {id(t): (macs(t) / base if base else t.cost) + t.extra for t in trainings}
+    except Exception as err:  # noqa: BLE001 - a model that cannot run on the meta device: the plan's own cost
+        notes.append(f"multiply-adds could not be counted ({type(err).__name__}: {err}); costs are the plan's "
+                     "backbone passes an instance")
+        return {id(t): t.cost + t.extra for t in trainings}
+    if reference is not None:
+        notes.append(f"costs: counted multiply-adds an instance over {reference.kind}'s "
+                     f"({base / 1e9:.2f} G a forward pass)")
+    return costs
+
+
+def loader_seconds_per_image(config: runs.RunConfig) -> float | None:
+    """Decoding and augmenting time an image on one worker, as the estimate states it ("workers / 3.4 ms")."""
+    found = re.search(r"workers\s*/\s*(\d+(?:\.\d+)?)\s*ms", config.resources.get("estimate", ""))
+    return float(found.group(1)) / 1000 if found else None
 
 
 def count_parameters(build: Callable[[], torch.nn.Module]) -> tuple[int, str]:
@@ -327,27 +393,33 @@ def offline_report(config: runs.RunConfig, params: dict, rates: dict | None = No
     assumed, measured = assumed_rate(config), (rates or {}).get(config.name, {})
     batch, accum = params.get("batch_size", 128), params.get("grad_accum_steps", 1)
     procs = params.get("num_processes", 1)
+    costs = counted_costs(trainings, notes) if "instances_per_s" in assumed or measured else {}
+    per_image = loader_seconds_per_image(config)
+    loader_rate = params.get("num_workers", 0) * procs / per_image if per_image else None
     rows, counted = [], {}
-    for t in trainings:
+    for t in (t for t in trainings if t.steps > 0):
         if t.kind not in counted:
             counted[t.kind] = count_parameters(t.build)
         n_params, where = counted[t.kind]
         instances = t.steps * batch * accum * procs
+        cost = costs.get(id(t), t.cost + t.extra)
         if t.kind in measured:
             hours, source = instances / measured[t.kind] / 3600, "measured"
         elif "seconds_per_step" in assumed:
             hours, source = t.steps * assumed["seconds_per_step"] / 3600, "assumed"
         elif "instances_per_s" in assumed:
-            hours, source = instances * t.cost / assumed["instances_per_s"] / 3600, "assumed"
+            hours, source = instances * cost / assumed["instances_per_s"] / 3600, "assumed"
         else:
             hours, source = float("nan"), "unknown"
+        if loader_rate and math.isfinite(hours) and instances / loader_rate / 3600 > hours:
+            hours, source = instances / loader_rate / 3600, source + ", loader-bound"
         rows.append({"model": t.kind, "n": t.n, "steps": t.steps, "parameters": n_params, "built_on": where,
-                     "cost_per_instance": round(t.cost, 4), "memory_gb": round(memory_gb(n_params, t, batch), 2),
+                     "cost_per_instance": round(cost, 4), "memory_gb": round(memory_gb(n_params, t, batch), 2),
                      "disk_gb": round((12 * KEEP_CHECKPOINTS + 4 * t.stage_saves) * n_params / GIB, 3),
                      "gpu_hours": hours, "rate": source})
     known = [r["gpu_hours"] for r in rows if math.isfinite(r["gpu_hours"])]
     hours = sum(known) * (1 + assumed["overhead"]) if len(known) == len(rows) else float(config.resources["gpu_hours"])
-    sources = {r["rate"] for r in rows}
+    sources = {r["rate"].split(",")[0] for r in rows}
     memory = max(r["memory_gb"] for r in rows)
     report = {"config": config.name, "notebook": config.notebook, "trainings": rows,
               "gpu_hours": round(hours, 2), "disk_gb": round(sum(r["disk_gb"] for r in rows), 2),
