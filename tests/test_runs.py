@@ -244,6 +244,7 @@ def test_a_folder_of_configurations_runs_in_order_and_one_problem_stops_only_its
     assert runs.needs(runs.load_config(configs / "a_second.yaml")) == ["b_first"]
     assert runs.needs(runs.load_config(ROOT / "configs" / "mux_plms_base_glue_mid_n5.yaml")) == ["mux_plms_base_pretrain_n5"]
     assert runs.needs(runs.load_config(ROOT / "configs" / "mux_plms_base_pretrain_n5.yaml")) == []  # its own stages
+    assert runs.needs(runs.load_config(ROOT / "configs" / "tmux_mnli_n5.yaml")) == []  # {runs}/shared/: no run
     monkeypatch.setattr(runs, "_check_processes", lambda config, params: (_ for _ in ()).throw(
         runs.ConfigError("too many processes")) if config.name == "c_big" else None)
     lines = []

@@ -228,6 +228,9 @@ def test_smoke_run(name, data_root, runs_dir):
             task = re.search(r"_(mnli|qqp|qnli|sst2|rte|wnli|mrpc|stsb|cola|conll)_", key)
             if task is None or task.group(1) in tasks:
                 assert re.sub(r"\d+", "#", key) in written, (other, key, sorted(found))
+    shared = runs.resolve_parameters(CONFIGS[name], str(data_root), str(runs_dir), smoke=True).get("baseline_dir")
+    if shared:  # chapter 03's BERT trained into the folder its sibling configurations share, not into this run's
+        assert any("mlm_n1" in p.name for p in Path(shared).iterdir()), sorted(Path(shared).iterdir())
     # the same command again: finished, so skipped
     again = course("full", ROOT / "configs" / f"{name}.yaml", "--smoke", "--runs", runs_dir, "--data-root", data_root)
     assert again.returncode == 0 and "skipped" in again.stdout

@@ -201,15 +201,19 @@ def resolve_parameters(config: RunConfig, data_root: str | Path, runs: str | Pat
     return _substitute(params, data_root=Path(data_root).resolve(), runs=Path(runs).resolve())
 
 
+SHARED = "shared"  # {runs}/shared/...: folders sibling runs share (chapter 03's baseline_dir), not a run
+
+
 def needs(config: RunConfig) -> list[str]:
     """The runs this configuration starts from: the other names in its ``{runs}/<name>/...`` parameters (its
-    own name there is a folder of its own run, such as where it saves its stages)."""
+    own name there is a folder of its own run, such as where it saves its stages; ``{runs}/shared/`` holds
+    what sibling runs share, such as a baseline each may train or load)."""
     found = set()
     for value in [*config.parameters.values(), *config.smoke.values()]:
         for text in value if isinstance(value, list) else [value]:
             if isinstance(text, str):
                 found.update(re.findall(r"\{runs\}/([^/]+)", text))
-    return sorted(found - {config.name})
+    return sorted(found - {config.name, SHARED})
 
 
 def _write_json(path: Path, value: dict) -> None:
