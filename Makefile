@@ -36,8 +36,11 @@ full: $(STAMP)
 report: $(STAMP)
 	$(PY) -m mux.runner.course report --runs $(RUNS)
 
+# Test files run on as many workers as the machine has cores (pytest-xdist), each file whole on one
+# worker (its fixtures and its order kept); one torch thread a worker (tests/conftest.py).
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests notebooks --nbval-lax --nbval-current-env
 
 # Re-execute the notebooks in place, so the committed copies carry their default run's outputs.
 notebooks: $(STAMP)

@@ -3,8 +3,14 @@ import os
 import pytest
 import torch
 
-# Tests run on two CPU cores; keep torch from oversubscribing them.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tests run on two CPU cores; keep torch from oversubscribing them. Under pytest-xdist (`make test` runs
+# a worker a core) each worker, and each kernel or process it starts, computes on one thread.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="module")
