@@ -74,7 +74,11 @@ runs_so_far = len(list(ck.glob("ran-*")))
 if {'fail' in parameters} and globals().get("fail"):
     raise RuntimeError("asked to fail")
 pathlib.Path(out_dir).mkdir(parents=True, exist_ok=True)
-pathlib.Path(out_dir, "{name}.json").write_text(json.dumps({{"headline": {{"acc_n2": 0.5, "speed_n2": 1.9, "seed": seed}}}}))
+import os
+seen = {{"checkpoint_dir": checkpoint_dir, "env": {{k: os.environ.get(k) for k in
+        ("MUX_TRACKER", "MUX_TRACKER_DIR", "MUX_TF32", "MUX_COMPILE", "MUX_EVALUATE_ONLY")}}}}
+pathlib.Path(out_dir, "{name}.json").write_text(json.dumps({{"headline": {{"acc_n2": 0.5, "speed_n2": 1.9, "seed": seed}},
+                                                           "seen": seen}}))
 """
     nb = nbformat.v4.new_notebook(cells=[
         nbformat.v4.new_markdown_cell(f"# {name}"),
@@ -190,6 +194,42 @@ def test_a_run_is_written_skipped_when_finished_and_resumed_when_interrupted(cou
     text = runs.report(out, configs)
     assert "| acc_n2 | 0.600 | 0.500 |" in text and "| `second` |" in text and "failed" in text
     assert (out / "report.md").read_text() == text and (out / "report.png").stat().st_size > 1000
+
+
+@pytest.mark.notebook
+def test_a_variant_and_an_evaluation_are_runs_of_their_own_beside_the_finished_run(course, tmp_path):
+    books, configs = course
+    config = runs.load_config(write_config(configs, "first"))
+    out = tmp_path / "runs"
+    where = out.resolve()
+    with pytest.raises(runs.ConfigError, match="--evaluate reads the checkpoints of first's finished run"):
+        runs.run_config(config, out, data_root=tmp_path, notebooks=books, options=runs.RunOptions(evaluate=True))
+    runs.run_config(config, out, data_root=tmp_path, notebooks=books)
+    options = runs.RunOptions(variant="seed7", tracker="tensorboard", tf32=True, compile="inductor")
+    runs.run_config(config, out, data_root=tmp_path, notebooks=books, overrides={"seed": 7}, options=options)
+    metrics = json.loads((out / "first@seed7" / "metrics" / "00_first.json").read_text())
+    assert metrics["headline"]["seed"] == 7
+    assert metrics["seen"] == {"checkpoint_dir": str(where / "first@seed7" / "checkpoints"),
+                               "env": {"MUX_TRACKER": "tensorboard", "MUX_TRACKER_DIR": str(where / "first@seed7" / "tracker"),
+                                       "MUX_TF32": "1", "MUX_COMPILE": "inductor", "MUX_EVALUATE_ONLY": None}}
+    runs.run_config(config, out, data_root=tmp_path, notebooks=books, options=runs.RunOptions(evaluate=True))
+    seen = json.loads((out / "first@evaluate" / "metrics" / "00_first.json").read_text())["seen"]
+    assert seen["checkpoint_dir"] == str(where / "first" / "checkpoints")  # the finished run's, read not written
+    assert seen["env"]["MUX_EVALUATE_ONLY"] == "1" and seen["env"]["MUX_TRACKER"] is None
+    record = json.loads((out / "first" / "run.json").read_text())
+    assert record["status"] == "finished" and record["attempts"] == 1 and "variant" not in record["identity"]
+    assert json.loads((out / "first@evaluate" / "run.json").read_text())["identity"]["evaluate"] is True
+    with pytest.raises(runs.ConfigError, match="--variant names a folder suffix"):
+        runs.RunOptions(variant="../elsewhere")
+
+
+def test_the_command_line_passes_the_run_options(monkeypatch):
+    got = {}
+    monkeypatch.setattr(runs, "run_configs", lambda *args, **kw: got.update(kw))
+    assert main(["full", "configs/datamux_mnist.yaml", "--evaluate", "--tf32", "--tracker", "tensorboard",
+                 "--compile", "inductor"]) == 0
+    assert got["options"] == runs.RunOptions(variant="evaluate", evaluate=True, tracker="tensorboard", tf32=True,
+                                             compile="inductor")
 
 
 @pytest.mark.notebook

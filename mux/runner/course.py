@@ -4,6 +4,7 @@
     python -m mux.runner.course summary [--out outputs]
     python -m mux.runner.course refresh [--notebooks notebooks] [--only 01 ...]
     python -m mux.runner.course full CONFIG_OR_FOLDER [--runs runs] [--data-root data] [--smoke] [-p NAME VALUE]... [-y YAML]
+        [--variant NAME] [--evaluate] [--tracker tensorboard] [--tf32] [--compile inductor]
     python -m mux.runner.course report [--runs runs] [--configs configs]
     python -m mux.runner.course check-configs [--configs configs]
     python -m mux.runner.course preflight CONFIG_OR_FOLDER [--offline] [--json F] [--rates F] [--smoke] [--steps K]
@@ -159,6 +160,12 @@ def main(argv=None) -> int:
     full.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     full.add_argument("-y", "--yaml", action="append", default=[], help="parameters as YAML, e.g. 'seeds: [0, 1]'")
     full.add_argument("--list", action="store_true", help="list the configurations and their cost; run nothing")
+    full.add_argument("--variant", help="run into runs/<name>@<variant>/, a run of its own (e.g. one task with -p tasks)")
+    full.add_argument("--evaluate", action="store_true",
+                      help="evaluation only, from the finished runs/<name>/ checkpoints (into runs/<name>@evaluate/)")
+    full.add_argument("--tracker", default="", help="Accelerate's log_with for every training (tensorboard, wandb, ...)")
+    full.add_argument("--tf32", action="store_true", help="TF32 matrix products and convolutions on NVIDIA GPUs")
+    full.add_argument("--compile", default="", metavar="BACKEND", help="torch.compile every model (e.g. inductor)")
     rep = sub.add_parser("report", help="every run's metrics beside the papers' figures (runs/report.md, .png)")
     rep.add_argument("--runs", default="runs")
     rep.add_argument("--configs", default=None, help="the configurations (default: the repository's configs/)")
@@ -252,7 +259,9 @@ def _runs_command(args) -> int:
                     raise runs.ConfigError(f"-y expects 'name: value' YAML, got {text!r}")
                 overrides.update(value)
             folder = args.runs or ("runs/smoke" if args.smoke else "runs")
-            runs.run_configs(args.target, folder, args.data_root, args.smoke, overrides)
+            options = runs.RunOptions(variant=args.variant, evaluate=args.evaluate, tracker=args.tracker,
+                                      tf32=args.tf32, compile=args.compile)
+            runs.run_configs(args.target, folder, args.data_root, args.smoke, overrides, options=options)
     except runs.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -49,7 +49,7 @@ from ..env import gpu_problem
 from ..params import check_value, declared_parameters
 from ..reporting import atomic_write
 
-__all__ = ["ConfigError", "RunConfig", "load_config", "config_files", "check_config", "resolve_parameters",
+__all__ = ["ConfigError", "RunConfig", "RunOptions", "load_config", "config_files", "check_config", "resolve_parameters",
            "check_gpu", "run_config", "run_configs", "report", "ROOT", "CONFIGS", "NOTEBOOKS"]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,6 +82,48 @@ class RunConfig:
     paper_figures: dict = field(default_factory=dict)
     plot: list = field(default_factory=list)
     notes: str = ""
+
+
+@dataclass
+class RunOptions:
+    """How a configuration is run, beside its parameters (``full``'s flags).
+
+    ``variant``: the run goes to ``<runs>/<name>@<variant>/``, a run of its own (with ``-p``/``-y`` overrides: one
+    GLUE task, other seeds, ...), so the configuration's own run is neither refused nor touched.
+    ``evaluate``: evaluation only, from the finished run ``<runs>/<name>/``: the notebook runs again with that
+    run's checkpoints, every training loads its final checkpoint and trains nothing (``mux.TrainConfig.evaluate_only``;
+    one without a final checkpoint is an error that names it), and the results go to ``<runs>/<name>@<variant>/``
+    (variant ``evaluate`` unless named).
+    ``tracker`` (Accelerate's ``log_with``, e.g. ``tensorboard``; files under the run's ``tracker/``), ``tf32`` and
+    ``compile`` (a ``torch.compile`` backend) set every training's switches of the same names through the kernel's
+    environment (:data:`mux.training.config.TRACKER` and the others)."""
+
+    variant: str | None = None
+    evaluate: bool = False
+    tracker: str = ""
+    tf32: bool = False
+    compile: str = ""
+
+    def __post_init__(self):
+        if self.evaluate and not self.variant:
+            self.variant = "evaluate"
+        if self.variant is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.variant):
+            raise ConfigError(f"--variant names a folder suffix: letters, digits, '_', '.', '-', got {self.variant!r}")
+
+    def folder_name(self, config: RunConfig) -> str:
+        return f"{config.name}@{self.variant}" if self.variant else config.name
+
+    def environment(self, folder: Path) -> dict[str, str]:
+        env = {}
+        if self.tracker:
+            env.update(MUX_TRACKER=self.tracker, MUX_TRACKER_DIR=str(folder / "tracker"))
+        if self.tf32:
+            env["MUX_TF32"] = "1"
+        if self.compile:
+            env["MUX_COMPILE"] = self.compile
+        if self.evaluate:
+            env["MUX_EVALUATE_ONLY"] = "1"
+        return env
 
 
 def config_files(target: str | Path) -> list[Path]:
@@ -283,12 +325,13 @@ PROGRESS_EVERY = 200  # steps between two progress lines in run.log, unless MUX_
 
 
 @contextmanager
-def progress_environment(log_file: Path):
+def progress_environment(log_file: Path, extra: dict[str, str] | None = None):
     """The kernel's environment while a run executes: ``mux.train`` appends a plain progress line every
     ``MUX_PROGRESS_EVERY`` steps (and at each evaluation) to ``log_file`` and to the job's stderr, since the
-    notebook's progress bars are widgets that reach neither (:class:`mux.training.parts.ProgressReport`)."""
+    notebook's progress bars are widgets that reach neither (:class:`mux.training.parts.ProgressReport`);
+    ``extra``: more variables (the run-time switches of :class:`RunOptions`)."""
     wanted = {"MUX_PROGRESS_FILE": str(log_file), "MUX_PROGRESS_EVERY": os.environ.get("MUX_PROGRESS_EVERY")
-              or str(PROGRESS_EVERY)}
+              or str(PROGRESS_EVERY), **(extra or {})}
     before = {k: os.environ.get(k) for k in wanted}
     os.environ.update(wanted)
     try:
@@ -318,8 +361,10 @@ def check_gpu(config: RunConfig, params: dict) -> None:
 
 
 def run_config(config: RunConfig, runs: str | Path = "runs", data_root: str | Path = "data", smoke: bool = False,
-               overrides: dict | None = None, notebooks: str | Path = NOTEBOOKS, log=print) -> dict:
-    """Run one configuration into ``<runs>/<name>/``; return its ``run.json`` record.
+               overrides: dict | None = None, notebooks: str | Path = NOTEBOOKS, log=print,
+               options: RunOptions | None = None) -> dict:
+    """Run one configuration into ``<runs>/<name>/`` (``<runs>/<name>@<variant>/``, see :class:`RunOptions`);
+    return its ``run.json`` record.
 
     A finished run is skipped; an interrupted one (stopped, killed, failed) runs again and resumes
     from its checkpoints; a folder holding another configuration's run, or the same one with other
@@ -336,10 +381,14 @@ def run_config(config: RunConfig, runs: str | Path = "runs", data_root: str | Pa
         if status is None or status["status"] != "finished" or status["identity"]["smoke"] != smoke:
             raise ConfigError(f"{config.name} starts from the output of {needed}, which has not finished in "
                               f"'{Path(runs) / needed}'" + (" (as a smoke run)" if smoke else "") + f"; run {needed} first")
-    folder = Path(runs).resolve() / config.name
+    options = options or RunOptions()
+    folder = Path(runs).resolve() / options.folder_name(config)
+    checkpoints = _evaluated_run(config, runs, smoke) if options.evaluate else folder / "checkpoints"
     # the run's identity keeps {data_root} and {runs} as written, so moved data or runs folders still resume
     identity = {"config": config.name, "notebook": config.notebook, "smoke": smoke,
                 "parameters": {**config.parameters, **(config.smoke if smoke else {}), **(overrides or {})}}
+    if options.variant:
+        identity.update(variant=options.variant, evaluate=options.evaluate)
     record_path = folder / "run.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else None
     if record is None and folder.is_dir() and any(folder.iterdir()):
@@ -364,7 +413,7 @@ def run_config(config: RunConfig, runs: str | Path = "runs", data_root: str | Pa
     _write_json(record_path, record)
     book = Path(notebooks).resolve() / config.notebook
     stem = Path(config.notebook).stem
-    full = dict(params, out_dir=str(folder / "metrics"), checkpoint_dir=str(folder / "checkpoints"))
+    full = dict(params, out_dir=str(folder / "metrics"), checkpoint_dir=str(checkpoints))
     log(f"==> {config.name}: {config.notebook} into {folder} (attempt {attempts}; log: {folder / 'run.log'})")
     started = time.perf_counter()
     with open(folder / "run.log", "a") as out:
@@ -377,7 +426,7 @@ def run_config(config: RunConfig, runs: str | Path = "runs", data_root: str | Pa
 
         with termination_as_interrupt(retrying) as terminated:
             try:
-                with progress_environment(folder / "run.log"):
+                with progress_environment(folder / "run.log", options.environment(folder)):
                     execute_notebook(book, folder / config.notebook, full, cwd=str(book.parent), log_output=False,
                                      stdout_file=out, stderr_file=out, log=retrying)
             except BaseException as err:
@@ -399,6 +448,18 @@ def run_config(config: RunConfig, runs: str | Path = "runs", data_root: str | Pa
     _write_json(record_path, record)
     log(f"    finished in {time.perf_counter() - started:.0f} s: {metrics}")
     return record
+
+
+def _evaluated_run(config: RunConfig, runs: str | Path, smoke: bool) -> Path:
+    """The checkpoints of ``config``'s finished run, which ``--evaluate`` reads (and never writes)."""
+    source = Path(runs).resolve() / config.name
+    if not _finished(source / "run.json"):
+        raise ConfigError(f"--evaluate reads the checkpoints of {config.name}'s finished run, and '{source}' holds "
+                          f"none; run {config.name} first")
+    if json.loads((source / "run.json").read_text())["identity"]["smoke"] != smoke:
+        raise ConfigError(f"'{source}' holds a {'smoke' if not smoke else 'full'} run; evaluate it with"
+                          f"{' ' if not smoke else 'out '}--smoke")
+    return source / "checkpoints"
 
 
 def _finished(record_path: Path) -> bool:
@@ -424,7 +485,8 @@ def _difference(old: dict, new: dict) -> str:
 
 
 def run_configs(target: str | Path, runs: str | Path = "runs", data_root: str | Path = "data", smoke: bool = False,
-                overrides: dict | None = None, notebooks: str | Path = NOTEBOOKS, log=print) -> dict[str, dict]:
+                overrides: dict | None = None, notebooks: str | Path = NOTEBOOKS, log=print,
+                options: RunOptions | None = None) -> dict[str, dict]:
     """Run one configuration or a folder of them. Every configuration is checked first, so a typo in the
     tenth stops the run before the first starts; then each runs in turn (a failed one is reported and
     the others still run). Raises ``RuntimeError`` at the end naming the ones that failed."""
@@ -432,13 +494,13 @@ def run_configs(target: str | Path, runs: str | Path = "runs", data_root: str | 
     for config in configs:
         check_config(config, notebooks, overrides)
     for config in configs:  # every refusal for want of a GPU before the first run starts (finished ones skip)
-        if not _finished(Path(runs) / config.name / "run.json"):
+        if not _finished(Path(runs) / (options or RunOptions()).folder_name(config) / "run.json"):
             check_gpu(config, resolve_parameters(config, data_root, runs, smoke, overrides))
     configs = _in_order(configs)
     records, failed = {}, []
     for config in configs:
         try:
-            records[config.name] = run_config(config, runs, data_root, smoke, overrides, notebooks, log)
+            records[config.name] = run_config(config, runs, data_root, smoke, overrides, notebooks, log, options)
         except Exception as err:  # noqa: BLE001 - reported below, the other configurations still run
             if len(configs) == 1 and isinstance(err, ConfigError):
                 raise

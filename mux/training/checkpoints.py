@@ -45,7 +45,9 @@ NOT_PART_OF_THE_RUN = ("progress", "description", "checkpoint_dir", "checkpoint_
                        # replaced by what they resolve to (device type, precision, instances per batch, workers)
                        "cpu", "mixed_precision", "batch_size", "num_workers",
                        # the run records the number of processes it actually has (1 to K under torchrun)
-                       "num_processes")
+                       "num_processes",
+                       # how the run is watched, compiled or used: the same steps and weights
+                       "tracker", "tracker_dir", "compile", "evaluate_only")
 # what a checkpoint that cannot be read raises, depending on which file is damaged
 UNREADABLE = (OSError, EOFError, RuntimeError, ValueError, KeyError, json.JSONDecodeError, pickle.UnpicklingError,
               SafetensorError)

@@ -2,13 +2,32 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from ..grouping import check_n
 
-__all__ = ["TrainConfig", "TrainResult"]
+__all__ = ["TrainConfig", "TrainResult", "TRACKER", "TRACKER_DIR", "TF32", "COMPILE", "EVALUATE_ONLY"]
+
+# Environment variables that set the defaults of the run-time switches below, so that a full-scale run
+# (``python -m mux.course full ... --tracker tensorboard --tf32 --compile inductor --evaluate``) turns them
+# on for every training of a notebook without the notebook declaring them.
+TRACKER = "MUX_TRACKER"
+TRACKER_DIR = "MUX_TRACKER_DIR"
+TF32 = "MUX_TF32"
+COMPILE = "MUX_COMPILE"
+EVALUATE_ONLY = "MUX_EVALUATE_ONLY"
+
+
+def _env_flag(name: str) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "0", "false", "no"):
+        return False
+    if value in ("1", "true", "yes"):
+        return True
+    raise ValueError(f"environment variable {name} must be 1/0 (or true/false), got {os.environ[name]!r}")
 
 
 @dataclass
@@ -45,6 +64,12 @@ class TrainConfig:
     eval_every: int = 0  # with train(eval_fn=...): evaluate every this many steps (0: only at the end)
     description: str = "train"
     num_processes: int = 1  # >1: train() starts this many worker processes (GPUs, or CPU processes) itself
+    # run-time switches (defaults from the environment variables above):
+    tracker: str = field(default_factory=lambda: os.environ.get(TRACKER, ""))  # Accelerate's log_with: "tensorboard", "wandb", ...; "": none
+    tracker_dir: str | None = field(default_factory=lambda: os.environ.get(TRACKER_DIR) or None)  # where file trackers write
+    tf32: bool = field(default_factory=lambda: _env_flag(TF32))  # TF32 matrix products and convolutions on an NVIDIA GPU
+    compile: str = field(default_factory=lambda: os.environ.get(COMPILE, ""))  # a torch.compile backend ("inductor"); "": none
+    evaluate_only: bool = field(default_factory=lambda: _env_flag(EVALUATE_ONLY))  # load the final checkpoint, train nothing
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "log_every", "grad_accum_steps", "keep_checkpoints", "num_processes"):
@@ -55,6 +80,11 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.evaluate_only and not self.checkpoint_dir:
+            raise ValueError("evaluate_only=True loads the run's final checkpoint: it needs a checkpoint_dir")
+        for name in ("tracker", "compile"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a name (a string; '' for none), got {getattr(self, name)!r}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be 'auto', 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
 

@@ -52,7 +52,7 @@ from .config import TrainConfig, TrainResult
 from .data import build_loader, micro_batches
 from .interrupt import StopRequest, TrainingInterrupted
 from .parts import (ProgressReport, adamw, deterministic_algorithms, hands_over, loss_terms, make_accelerator,
-                    process_launcher, rng_restore, rng_snapshot, seed_everything)
+                    process_launcher, rng_restore, rng_snapshot, seed_everything, start_tracking, tf32_matmuls)
 
 __all__ = ["train"]
 
@@ -92,6 +92,7 @@ def train(
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     p = resume(accelerator, model, root, run, existing) if root is not None and cfg.resume else Progress()
+    model = ready_to_run(accelerator, model, cfg, root, run, p)
     record = {"fingerprint": fingerprint, "run": run, "train_config": asdict(cfg)}
     save = lambda: save_checkpoint(accelerator, root, p, record, cfg.keep_checkpoints)  # noqa: E731
 
@@ -103,7 +104,7 @@ def train(
     totals, counted, updating, rng = {}, 0, False, None
     report = ProgressReport(cfg, p.step, accelerator.is_main_process)  # plain lines for logs (see parts.py)
     try:
-        with StopRequest() as stop, deterministic_algorithms(cfg.deterministic):
+        with StopRequest() as stop, deterministic_algorithms(cfg.deterministic), tf32_matmuls(cfg.tf32):
             while p.step < cfg.max_steps:
                 model.train()
                 rng = rng_snapshot()  # to save a consistent state if interrupted before the update
@@ -135,7 +136,8 @@ def train(
                     if root is not None and p.step != p.last_saved:
                         save()
                     raise TrainingInterrupted(p.step, root)
-        evaluate_in_place(accelerator, model, eval_fn, p, report)  # a run resumed at its last step is evaluated here
+        with tf32_matmuls(cfg.tf32):  # a run resumed at its last step (or evaluate_only) is evaluated here
+            evaluate_in_place(accelerator, model, eval_fn, p, report)
         if root is not None and p.step != p.last_saved:
             save()
     except TrainingInterrupted:
@@ -146,13 +148,30 @@ def train(
         raise
     finally:
         bar.close()
-        # the caller's model without Accelerate's autocast wrapper; the accelerator forgets this run
-        bare = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+        # the caller's model without Accelerate's autocast wrapper or torch.compile's; the accelerator forgets this run
+        bare = accelerator.unwrap_model(model, keep_fp32_wrapper=False, keep_torch_compile=False)
+        for tracker in accelerator.trackers:  # not end_training(): that also ends a torchrun's process group
+            tracker.finish()
         accelerator.free_memory()
     return TrainResult(model=bare, steps=p.step, history=p.history, evaluations=p.evaluations,
                        resumed_from=p.resumed_from, seconds=time.perf_counter() - started,
                        device=str(accelerator.device), num_processes=accelerator.num_processes,
                        is_main_process=accelerator.is_main_process)
+
+
+def ready_to_run(accelerator: Accelerator, model: nn.Module, cfg: TrainConfig, root: Path | None, run: dict,
+                 p: Progress) -> nn.Module:
+    """The run-time switches, once the run is prepared and resumed: ``evaluate_only`` refuses a run without
+    its final checkpoint, ``compile`` wraps the model in ``torch.compile`` (checkpoints keep saving the
+    prepared module underneath, Accelerate's own reference), and the trackers open this run."""
+    if cfg.evaluate_only and p.step != cfg.max_steps:
+        accelerator.free_memory()
+        raise ValueError(f"evaluate_only: {root} holds no final checkpoint of this run (newest: step {p.step} of "
+                         f"{cfg.max_steps}); train it first (without evaluate_only / --evaluate)")
+    if cfg.compile:
+        model = torch.compile(model, backend=cfg.compile)
+    start_tracking(accelerator, cfg, run)
+    return model
 
 
 def save_between_steps(accelerator: Accelerator, save, p: Progress, rng) -> None:
@@ -172,6 +191,8 @@ def log_means(accelerator: Accelerator, totals: dict, counted: int, p: Progress,
     names = sorted(totals)
     means = accelerator.reduce(torch.stack([totals[k] for k in names]) / counted, "mean").tolist()
     p.history.append({"step": p.step, "lr": lr, **dict(zip(names, means))})
+    if accelerator.log_with:
+        accelerator.log({"lr": lr, **{f"train/{k}": v for k, v in zip(names, means)}}, step=p.step)
     bar.set_postfix({k: f"{v:.3f}" for k, v in zip(names, means)}, refresh=False)
 
 
@@ -192,5 +213,7 @@ def evaluate_in_place(accelerator: Accelerator, model: nn.Module, eval_fn, p: Pr
     if not isinstance(values, Mapping):
         raise TypeError(f"eval_fn must return a dict of numbers, got {type(values).__name__}")
     p.evaluations.append({"step": p.step, **{k: float(v) for k, v in values.items()}})
+    if accelerator.log_with:
+        accelerator.log({f"eval/{k}": float(v) for k, v in values.items()}, step=p.step)
     if report is not None:
         report.evaluation(p.step, p.evaluations[-1])

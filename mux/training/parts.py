@@ -24,7 +24,7 @@ from .config import TrainConfig
 
 __all__ = ["seed_everything", "resolve_precision", "make_accelerator", "adamw", "no_weight_decay_names",
            "rng_snapshot", "rng_restore", "deterministic_algorithms", "loss_terms", "world_size", "hands_over", "LAUNCHERS",
-           "process_launcher", "LOGGER", "PROGRESS_EVERY", "PROGRESS_FILE", "progress_handlers", "ProgressReport"]
+           "process_launcher", "tracker_folder", "start_tracking", "tf32_matmuls", "LOGGER", "PROGRESS_EVERY", "PROGRESS_FILE", "progress_handlers", "ProgressReport"]
 
 LAUNCHERS = "mux.launchers"  # entry-point group of the function that trains in K new processes
 LOGGER = "mux.training"  # the logger of the plain-text progress lines (INFO)
@@ -75,7 +75,46 @@ def make_accelerator(cfg: TrainConfig, accelerator: Accelerator | None = None) -
             )
         if other:
             AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(mixed_precision=precision, cpu=cfg.cpu, step_scheduler_with_optimizer=False)
+    trackers = [name.strip() for name in cfg.tracker.split(",") if name.strip()]
+    accelerator = Accelerator(mixed_precision=precision, cpu=cfg.cpu, step_scheduler_with_optimizer=False,
+                              log_with=trackers or None, project_dir=tracker_folder(cfg) if trackers else None)
+    if trackers and (not accelerator.log_with or (trackers != ["all"] and len(accelerator.log_with) < len(trackers))):
+        raise ValueError(f"tracker={cfg.tracker!r}: Accelerate finds {len(accelerator.log_with)} of these trackers "
+                         "installed; install the one you named (tensorboard: `pip install tensorboard`, wandb: "
+                         "`pip install wandb`, ...) or leave the tracker unset")
+    return accelerator
+
+
+def tracker_folder(cfg: TrainConfig) -> str:
+    """Where file-based trackers (TensorBoard) write: ``cfg.tracker_dir``, else ``tracker/`` beside the
+    run's checkpoint folder, else ``tracker/`` in the working folder. Each training is a run named by its tag."""
+    if cfg.tracker_dir:
+        return cfg.tracker_dir
+    return os.path.join(os.path.dirname(cfg.checkpoint_dir.rstrip("/")), "tracker") if cfg.checkpoint_dir else "tracker"
+
+
+def start_tracking(accelerator: Accelerator, cfg: TrainConfig, run: dict) -> None:
+    """Open this training's run in the trackers the Accelerator was made with (``cfg.tracker``), with the
+    run's identity as its configuration (numbers and strings only, as TensorBoard's hparams want)."""
+    if accelerator.log_with:
+        config = {k: v for k, v in run.items() if isinstance(v, (bool, int, float, str))}
+        accelerator.init_trackers(cfg.description, config=config)
+
+
+@contextmanager
+def tf32_matmuls(enabled: bool):
+    """TF32 matrix products and convolutions on an NVIDIA GPU (Ampere or newer) while the block runs, when
+    ``enabled``: about 3x the fp32 rate for the float32 work left outside autocast, with 10 mantissa bits.
+    The previous settings are put back afterwards; on a CPU nothing changes."""
+    if not enabled:
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def no_weight_decay_names(model: nn.Module) -> list[str]:
