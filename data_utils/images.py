@@ -448,6 +448,31 @@ def _class_folders(path: Path, transform, root: Path):
 
 
 _VERIFY_CHUNK = 256  # files per task of the thread pool
+VERIFIED_CACHE = "MUX_VERIFIED_CACHE"  # environment: where the records of verified folders go (default below)
+
+
+def _verified_record(paths: list[str]) -> Path:
+    """The file that records that exactly these image files, with these sizes and modification times, were
+    all readable: a resumed run (or a second model) then skips opening a million headers again. Its name is
+    a hash of every path, size and mtime (``os.stat`` only), so any added, removed or rewritten file means
+    verifying again. Kept under ``$MUX_VERIFIED_CACHE`` (default ``~/.cache/mux/verified``), not in the data
+    folder, which may be read-only."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in paths:
+        st = os.stat(path)
+        digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    folder = Path(os.environ.get(VERIFIED_CACHE) or Path.home() / ".cache" / "mux" / "verified")
+    return folder / f"{digest.hexdigest()}.ok"
+
+
+def _remember_verified(record: Path, count: int) -> None:
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(f"{count} image files verified\n")
+    except OSError:  # a read-only home: verify again next time, nothing worse
+        pass
 _VERIFY_BAR_FROM = 10_000  # show a progress bar from this many files on
 
 
@@ -556,7 +581,9 @@ def image_folder(root: str | Path, image_size: int = 224, val_fraction: float = 
     ``ImageFolder`` does. With ``verify=True`` (default) every image file is opened with PIL and its
     header checked when the dataset is built (a thread pool; a progress bar from 10,000 files on), so
     a broken file fails here rather than in the middle of training; a file cut short after a valid
-    header can still pass. ``verify=False`` skips the check, for a very large folder you trust.
+    header can still pass. ``verify=False`` skips the check, for a very large folder you trust. A folder
+    found readable is remembered (by every file's path, size and mtime: :func:`_verified_record`), so loading
+    it again, as a resumed run does, only stats the files.
     A missing folder, a class folder without images, or a layout that is neither of the two above
     raises a :class:`DatasetUnavailableError` that names the folder, the layouts and how to get the data.
     """
@@ -593,9 +620,12 @@ def image_folder(root: str | Path, image_size: int = 224, val_fraction: float = 
                 f"train/ and val/ in '{root}' have different class folders: {train.classes} vs {test.classes}"
             )
     keep, held = _stratified_split(np.asarray(train.targets), val_fraction, seed, train.classes)
-    if verify:
-        paths = [path for path, _ in train.samples + test.samples]
+    paths = [path for path, _ in train.samples + test.samples] if verify else []
+    record = _verified_record(paths) if verify else None
+    if verify and not record.is_file():
         bad = _unreadable_images(paths, root)
+        if not bad:
+            _remember_verified(record, len(paths))
         if bad:
             shown = ", ".join(f"'{path}' ({why})" for path, why in bad[:5])
             raise DatasetUnavailableError(
@@ -659,8 +689,10 @@ class MixupCollate:
     B - 1 - i, generally in another tuple), before grouping. So each multiplexed instance is an ordinary
     Mixup/CutMix image with its own soft label, exactly as without multiplexing; nothing is mixed
     within a tuple on purpose (ConcatPlexer's own tuple smoothing, :class:`mux.losses.ConcatPlexerLoss`,
-    does that, and combines with this one). MixViT's :class:`mux.losses.MultiInputLoss` mixes its inputs
-    itself and refuses these labels: use either the model's own mixing or Mixup.
+    does that, and combines with this one). MixViT's :class:`mux.losses.MultiInputLoss` accepts these
+    soft labels too, as the MixViT paper trains (Mixup / CutMix of the images, then the model's own
+    mixing of them): each of its M inputs is then a Mixup image, and each subnetwork's cross-entropy
+    is taken against its own input's soft label.
 
     Odd batches. timm pairs image i with image B - 1 - i and needs an even batch. ``mux.train`` keeps
     the last, partial batch of an epoch, which is odd for ImageNet's 1,281,167 training images at any

@@ -12,6 +12,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 else:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# Image folders found readable are remembered (data_utils.images); the tests' folders are remembered in a
+# folder of this session's, not in the user's ~/.cache.
+if not os.environ.get("MUX_VERIFIED_CACHE"):
+    import tempfile
+
+    os.environ["MUX_VERIFIED_CACHE"] = tempfile.mkdtemp(prefix="mux-verified-")
+
 
 @pytest.fixture(scope="module")
 def one_torch_thread():

@@ -263,6 +263,25 @@ def test_image_folder_rejects_unreadable_image_files(tmp_path):
     assert image_folder(tmp_path, image_size=16, verify=False).sizes() == unchecked.sizes()
 
 
+def test_a_folder_found_readable_is_not_opened_again_until_a_file_changes(tmp_path, monkeypatch):
+    import data_utils.images as images
+
+    _make_tree(tmp_path / "data")
+    monkeypatch.setenv(images.VERIFIED_CACHE, str(tmp_path / "cache"))
+    opened = []
+    real = images._unreadable_images
+    monkeypatch.setattr(images, "_unreadable_images", lambda paths, root: opened.append(len(paths)) or real(paths, root))
+    first = image_folder(tmp_path / "data", image_size=16)
+    second = image_folder(tmp_path / "data", image_size=16)
+    assert opened == [first.sizes()["train"] + first.sizes()["val"] + first.sizes()["test"]]
+    assert second.sizes() == first.sizes() and len(list((tmp_path / "cache").glob("*.ok"))) == 1
+    victim = tmp_path / "data" / "val" / "cat" / "0.png"
+    victim.write_bytes(victim.read_bytes()[:60])  # rewritten, cut short: checked again, and refused
+    with pytest.raises(DatasetUnavailableError, match="1 of"):
+        image_folder(tmp_path / "data", image_size=16)
+    assert len(opened) == 2
+
+
 def test_image_folder_empty_class_folders(tmp_path):
     _make_tree(tmp_path)
     (tmp_path / "train" / "bird").mkdir()
