@@ -192,7 +192,8 @@ def test_a_run_is_written_skipped_when_finished_and_resumed_when_interrupted(cou
 
     # the report: the paper's figure beside ours, the figure of accuracy against speed
     text = runs.report(out, configs)
-    assert "| acc_n2 | 0.600 | 0.500 |" in text and "| `second` |" in text and "failed" in text
+    assert "| acc_n2 | 0.600 | 0.500 | -0.100 | - |" in text and "| `second` |" in text and "failed" in text
+    assert "| speed_n2 | - | 1.900 | - | - |" in text
     assert (out / "report.md").read_text() == text and (out / "report.png").stat().st_size > 1000
 
 
@@ -219,6 +220,8 @@ def test_a_variant_and_an_evaluation_are_runs_of_their_own_beside_the_finished_r
     record = json.loads((out / "first" / "run.json").read_text())
     assert record["status"] == "finished" and record["attempts"] == 1 and "variant" not in record["identity"]
     assert json.loads((out / "first@evaluate" / "run.json").read_text())["identity"]["evaluate"] is True
+    assert "Variants of `first` (`--variant`, `--evaluate`): `first@evaluate` (finished), `first@seed7` (finished)" \
+        in runs.report(out, configs, plot=False)
     with pytest.raises(runs.ConfigError, match="--variant names a folder suffix"):
         runs.RunOptions(variant="../elsewhere")
 

@@ -536,12 +536,26 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _metric_rows(figures: dict, ours: dict) -> list[str]:
+    """The paper's figures beside this run's, with the difference, and this run's 95% half-width where the
+    notebook wrote one (``<key>_ci95``, the course's convention: paired over test items and seeds)."""
+    def row(key, paper, value):
+        diff = value - paper if all(isinstance(v, (int, float)) for v in (paper, value)) else None
+        return f"| {key} | {_fmt(paper)} | {_fmt(value)} | {_fmt(diff)} | {_fmt(ours.get(key + '_ci95'))} |"
+
+    rows = [row(key, paper, ours.get(key)) for key, paper in figures.items()]
+    rows += [row(key, None, value) for key, value in ours.items()
+             if key not in figures and not (key.endswith("_ci95") and key[:-5] in ours)]
+    return ["| metric | paper | this run | this run - paper | 95% half-width |", "| --- | --- | --- | --- | --- |", *rows]
+
+
 def report(runs: str | Path = "runs", configs: str | Path = CONFIGS, plot: bool = True) -> str:
     """Every configuration beside its run's metrics, in Markdown (written to ``<runs>/report.md``), and
     with ``plot`` a figure of accuracy against speed for the rows that have both (``<runs>/report.png``).
 
-    Each configuration's paper figures are shown beside this course's number for the same metric;
-    a configuration not yet run, or a run not finished, says so. Smoke runs are marked."""
+    Each configuration's paper figures are shown beside this course's number for the same metric, with the
+    difference and this run's 95% half-width where it has one; a configuration not yet run, or a run not
+    finished, says so; its variants (``--variant``, ``--evaluate``) are named. Smoke runs are marked."""
     runs = Path(runs)
     lines = ["# Full-scale runs beside the papers", "",
              "| configuration | reproduces | status | GPU-hours (est.) | hours taken (wall, finished attempts) |",
@@ -559,11 +573,14 @@ def report(runs: str | Path = "runs", configs: str | Path = CONFIGS, plot: bool 
         ours = json.loads(metrics_path.read_text()).get("headline", {}) if metrics_path.is_file() else {}
         figures = config.paper_figures.get("figures", {})
         if figures or ours:  # the paper's figures first, beside ours; then every other metric of the run
-            rows = [f"| {key} | {_fmt(paper)} | {_fmt(ours.get(key))} |" for key, paper in figures.items()]
-            rows += [f"| {key} | - | {_fmt(value)} |" for key, value in ours.items() if key not in figures]
             source = config.paper_figures.get("source", config.paper)
             tables += ["", f"## `{config.name}`", "", f"Paper: {source}. Status: {status}.", "",
-                       "| metric | paper | this run |", "| --- | --- | --- |", *rows]
+                       *_metric_rows(figures, ours)]
+        variants = sorted(p.parent.name for p in runs.glob(f"{config.name}@*/run.json"))
+        if variants:
+            tables += ["", f"Variants of `{config.name}` (`--variant`, `--evaluate`): " +
+                       ", ".join(f"`{v}` ({json.loads((runs / v / 'run.json').read_text())['status']})"
+                                 for v in variants) + f"; their metrics are in `{runs}/<variant>/metrics/`."]
         for entry in config.plot:
             acc = ours.get(entry["accuracy"])
             speed = entry["speed"] if isinstance(entry["speed"], (int, float)) else ours.get(entry["speed"])
