@@ -13,13 +13,14 @@ inputs (N) -> front -> multiplexer -> shared backbone -> demultiplexer -> head -
   order and clean stops; ``mux.evaluate``: every-example evaluation
 - ``mux.throughput``: timing and MAC counts
 - ``mux.stats``: comparing two models on the same test items (paired gaps, 95% intervals, verdicts)
+- ``mux.similarity``: what two models' features share (linear CKA, feature influence, ablation)
 - ``mux.notebook``, ``mux.params``, ``mux.reporting``, ``mux.plots``, ``mux.env``: notebook support
   (a training's configuration, parameter checks, metrics and verdicts, figures, devices)
 
 The run machinery (``mux.runner``: executing notebooks, full-scale configurations, training in
 several processes) is a layer above: nothing here imports it.
 """
-from . import plots
+from . import plots, similarity
 from .demultiplexers import Demultiplexer, IndexDemultiplexer, MLPDemultiplexer, RSADemultiplexer, SourceAttribution
 from .env import device_of, pick_device, versions
 from .evaluate import evaluate, evaluation_order, predict, predict_logits
@@ -46,6 +47,8 @@ from .models import (
     FeatureTeacher,
     ImageMultiplexerConfig,
     ImageMultiplexerModel,
+    MIMOCNNConfig,
+    MIMOCNNModel,
     MIMOViTConfig,
     MIMOViTModel,
     MixViTConfig,
@@ -53,6 +56,7 @@ from .models import (
     MUXPLMConfig,
     MUXPLMModel,
     PatchCodebook,
+    SingleCutMix,
     TMUXConfig,
     TMUXModel,
     VisionConfig,

@@ -1,5 +1,6 @@
 """Chapter 05 (multi-input multi-output): CutMix source masks, token CutMix, source attribution,
-MixViT's parallel inference, MIMO / MixMo on a ViT, their loss, configurations, save/load and training."""
+MixViT's parallel inference, MIMO / MixMo on a ViT and on a CNN, their loss, the single + CutMix control,
+configurations, save/load, training, and the feature-sharing measurements (CKA, ablation)."""
 import math
 import shutil
 
@@ -11,9 +12,11 @@ from torch.utils.data import TensorDataset
 import mux
 from mux.demultiplexers import SourceAttribution
 from mux.losses import MultiInputLoss
-from mux.models.mimo import MIMOViTConfig, MIMOViTModel
-from mux.models.mixvit import ClassAttentionConfig, MixViTConfig, MixViTModel, Subnetwork, ensemble_logits
+from mux.models.mimo import MIMOCNNConfig, MIMOCNNModel, MIMOViTConfig, MIMOViTModel
+from mux.models.mixvit import (ClassAttentionConfig, MixViTConfig, MixViTModel, SingleCutMix, Subnetwork,
+                              ensemble_logits)
 from mux.multiplexers import MIMOMultiplexer, TokenCutMixMultiplexer, cutmix_sources
+from mux.similarity import ablation_scores, influence, linear_cka
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -692,3 +695,160 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"parameter {k} differs")
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in first.history] == \
         [h["loss"] for h in full.history]
+
+
+# ---------------------------------------------------------------- the CutMix control: single + token CutMix
+
+
+def _single(seed=0):
+    return _mixvit(seed, subnetworks=1, source="none")
+
+
+def test_single_cutmix_infers_with_the_wrapped_model_on_one_image():
+    single = _single()
+    control = SingleCutMix(single)
+    x = torch.randn(4, 1, 1, 8, 8)
+    assert torch.equal(control(x), single(x)) and control(x).shape == (4, 1, 5)
+
+
+def test_single_cutmix_mixes_tokens_as_mixvit_does_and_makes_one_prediction():
+    single = _single()
+    control = SingleCutMix(single)
+    x = torch.randn(3, 2, 1, 8, 8)
+    torch.manual_seed(1)
+    sources = cutmix_sources(3, 2, 8, 2, 0.5)
+    out = control(x, sources=sources)
+    assert out.shape == (3, 2, 5) and torch.equal(out[:, 0], out[:, 1])  # one prediction, scored against both labels
+    tokens = single.add_positions(single.backbone.patch_embed(x.flatten(0, 1))).view(3, 2, L, -1)
+    mixed = (sources.unsqueeze(-1) * tokens).sum(1)  # each position from one image
+    expected = single.heads[0](single.classify(single.extract(mixed)))
+    torch.testing.assert_close(out[:, 0], expected)
+    only_first = _one_source(3, 2, 0)  # every token from image 0: the single model on image 0
+    torch.testing.assert_close(control(x, sources=only_first)[:, 0], single(x[:, :1])[:, 0], atol=1e-5, rtol=0)
+
+
+def test_single_cutmix_loss_is_the_lambda_weighted_cross_entropy():
+    control = SingleCutMix(_single())
+    images, labels = torch.randn(6, 1, 8, 8), torch.randint(5, (6,))
+    torch.manual_seed(0)
+    got = MultiInputLoss("token_cutmix")(control, (images, labels), 1)["loss"]
+    torch.manual_seed(0)  # the same draws: the partner order, then the masks
+    order = torch.stack([torch.arange(6), torch.randperm(6)], dim=1)
+    sources = cutmix_sources(6, 2, 8, 2, 0.5)
+    logits = control(images[order], sources=sources)[:, 0]
+    lam = sources.mean(-1)
+    expected = (lam[:, 0] * F.cross_entropy(logits, labels[order[:, 0]], reduction="none")
+                + lam[:, 1] * F.cross_entropy(logits, labels[order[:, 1]], reduction="none")).mean()
+    torch.testing.assert_close(got, expected)
+
+
+def test_single_cutmix_refuses_a_multi_output_model():
+    with pytest.raises(ValueError, match="wraps the single-input MixViTModel"):
+        SingleCutMix(_mixvit())
+    with pytest.raises(ValueError, match="CutMix mixes M >= 2 images"):
+        SingleCutMix(_single(), inputs=1)
+
+
+def test_single_cutmix_trains_end_to_end():
+    control = SingleCutMix(_single())
+    result = mux.train(control, _data(), mux.TrainConfig(max_steps=2, batch_size=8, cpu=True, progress=False, seed=0),
+                       1, MultiInputLoss("token_cutmix"))
+    assert result.steps == 2 and mux.evaluate(result.model, _data(), 1)["n_examples"] == 16
+
+
+# ---------------------------------------------------------------- what each head reads
+
+
+@pytest.mark.parametrize("source", ["embedding", "encoding", "none"])
+def test_subnetwork_features_are_what_the_heads_read(source):
+    model = _mixvit(source=source).eval()
+    x = torch.randn(3, 1, 1, 8, 8)
+    feats = model.subnetwork_features(x)
+    assert feats.shape == (3, 2, 16)
+    logits = torch.stack([h(feats[:, i]) for i, h in enumerate(model.heads)], dim=1)
+    torch.testing.assert_close(logits, model(x, return_subnetworks=True))
+    if source == "none":  # no attribution: both heads read the same class token
+        torch.testing.assert_close(feats[:, 0], feats[:, 1])
+
+
+def test_mimo_vit_subnetwork_features_are_shared():
+    model = _mimo().eval()
+    x = torch.randn(2, 1, 1, 8, 8)
+    feats = model.subnetwork_features(x)
+    torch.testing.assert_close(torch.stack([h(feats[:, i]) for i, h in enumerate(model.heads)], 1),
+                               model(x, return_subnetworks=True))
+
+
+# ---------------------------------------------------------------- MIMO / MixMo on a CNN
+
+
+def _cnn(seed=0, **kw):
+    torch.manual_seed(seed)
+    return MIMOCNNModel(MIMOCNNConfig(**{"width": 8, "num_classes": 5, **kw}))
+
+
+def test_mimo_cnn_inference_sums_the_encoders_on_one_image():
+    model = _cnn().eval()
+    x = torch.randn(3, 1, 1, 8, 8)
+    ones = torch.ones(3, 2, 64)
+    torch.testing.assert_close(model(x, return_subnetworks=True), model(x.expand(-1, 2, -1, -1, -1), sources=ones))
+    torch.testing.assert_close(model(x)[:, 0].exp(), model(x, return_subnetworks=True).softmax(-1).mean(1))
+    torch.testing.assert_close(model.subnetwork(1)(x)[:, 0], model(x, return_subnetworks=True)[:, 1])
+
+
+def test_mimo_cnn_mixes_pixel_by_pixel():
+    model = _cnn()
+    x = torch.randn(2, 2, 1, 8, 8)
+    w = torch.rand(2, 2, 64)
+    mixed = sum(w[:, i].view(2, 1, 8, 8) * model.encoders[i](x[:, i]) for i in range(2))
+    expected = torch.stack([h(model.trunk(mixed)) for h in model.heads], dim=1)
+    torch.testing.assert_close(model(x, sources=w), expected)
+
+
+def test_mimo_cnn_trains_with_the_mixmo_loss():
+    result = mux.train(_cnn(), _data(), mux.TrainConfig(max_steps=2, batch_size=8, cpu=True, progress=False, seed=0),
+                       1, MultiInputLoss("mixmo"))
+    assert all(math.isfinite(h["loss"]) for h in result.history)
+
+
+def test_mimo_cnn_config_errors():
+    with pytest.raises(ValueError, match="M >= 2"):
+        MIMOCNNConfig(subnetworks=1)
+    with pytest.raises(ValueError, match="patch_size must be 1"):
+        MIMOCNNConfig(patch_size=2)
+
+
+# ---------------------------------------------------------------- feature sharing: CKA and ablation
+
+
+def test_linear_cka_is_one_for_rotated_and_scaled_features_and_small_for_unrelated_ones():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=g)
+    rotation = torch.linalg.qr(torch.randn(6, 6, generator=g))[0]
+    assert linear_cka(x, 3 * x @ rotation) == pytest.approx(1.0)
+    assert linear_cka(x, torch.randn(200, 6, generator=g)) < 0.15
+    with pytest.raises(ValueError, match="same n items"):
+        linear_cka(x, x[:10])
+
+
+def test_influence_is_the_column_l1_norm():
+    w = torch.tensor([[1.0, -2.0, 0.0], [-3.0, 0.5, 0.0]])
+    assert influence(w).tolist() == [4.0, 2.5, 0.0]
+
+
+def test_ablation_removes_the_source_heads_top_features_for_every_head():
+    # head 0 reads feature 0 only, head 1 feature 1 only: removing head 0's top feature breaks head 0 alone
+    feats = torch.zeros(4, 2, 3)
+    labels = torch.tensor([0, 1, 0, 1])
+    feats[:, :, 0] = torch.where(labels == 1, 1.0, -1.0)[:, None]
+    feats[:, :, 1] = feats[:, :, 0]
+    weights = torch.zeros(2, 2, 3)
+    weights[0, 1, 0], weights[1, 1, 1] = 1.0, 1.0
+    biases = torch.zeros(2, 2)
+    biases[:, 0] = 0.5
+    out = ablation_scores(feats, weights, biases, labels, k=1, source=0, random_draws=3)
+    assert out["before"].mean(0).tolist() == [1.0, 1.0]
+    assert out["top"].mean(0).tolist() == [0.5, 1.0]  # head 0 now says class 0 for everything
+    assert out["random"].shape == (4, 2)
+    with pytest.raises(ValueError, match="expected 1 <= k < d"):
+        ablation_scores(feats, weights, biases, labels, k=3)

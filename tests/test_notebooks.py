@@ -191,7 +191,7 @@ def test_vision_bad_parameters_stop_with_a_clear_message(tmp_path, bad, message)
 # Chapter 05 at a tiny size, for the bad parameters below.
 MIXVIT_TINY = dict(dataset="imagefolder", image_size=16, patch_size=4, backbone="convit", embed_dim=16, depth=2,
                    class_depth=1, num_heads=2, subnetworks=3, steps=3, batch_size=8, seeds=[0, 1], speed_trials=1,
-                   train_images=0, device="cpu", check_claims=False)
+                   train_images=0, cnn_width=8, ablate=2, curve_points=2, device="cpu", check_claims=False)
 
 
 @pytest.mark.notebook
@@ -200,6 +200,14 @@ MIXVIT_TINY = dict(dataset="imagefolder", image_size=16, patch_size=4, backbone=
     (dict(alpha=0.0), "parameter 'alpha' should be float > 0, got 0.0 (float); Input should be greater than 0"),
     (dict(patch_size=3), "digits images are 8 pixels wide, not a multiple of patch_size 3"),
     (dict(timm_name="vit_small_patch16_224"), "which this timm model has not"),
+    (dict(seeds=[]), "parameter 'seeds' should be a non-empty list[int], got []"),
+    (dict(seeds=[0.5, 1]), "parameter 'seeds' should be list[int], got [0.5, 1] (list); at seeds[0]: Input should be a valid integer"),
+    (dict(seeds=[1, 1]), "seeds [1, 1] repeat a seed"),
+    (dict(train_images=400, test_images=5000), "test_images=5000 is more than the 1197 test images there are: 1797 digits "
+                                               "less 400 training and 200 validation images"),
+    (dict(train_images=400, val_images=5), "val_images: a split of 5 images would empty a class (there are 10)"),
+    (dict(train_images=1500, val_images=290), "test_images: a split of 7 images would empty a class (there are 10)"),
+    (dict(ablate=8), "ablate=8 features to remove: a head reads only embed_dim=16 (ViT) and cnn_width=8 (CNN) features"),
 ])
 def test_mixvit_bad_parameters_stop_with_a_clear_message(tmp_path, bad, message):
     params = dict(MIXVIT_TINY, dataset="digits", patch_size=2, out_dir=str(tmp_path))

@@ -37,7 +37,9 @@ timm's; a ``convit_*`` model keeps its GPSA blocks and its last (self-attention)
 are replaced by as many class-attention blocks.
 
 With ``subnetworks=1`` (and ``source="none"``) the model is the backbone alone: the
-single-input single-output baseline, one image in, one prediction out.
+single-input single-output baseline, one image in, one prediction out. :class:`SingleCutMix`
+trains that baseline on MixViT's token CutMix with CutMix's lambda-weighted loss (one head,
+no source attribution): the control that separates MixViT's multiple outputs from its mixing.
 """
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ from ..grouping import check_n
 from ..multiplexers import TokenCutMixMultiplexer
 from .vit import SavedByFolder, VisionConfig, images_of
 
-__all__ = ["ClassAttentionConfig", "MixViTConfig", "MixViTModel", "ClassAttentionModel", "Subnetwork",
+__all__ = ["ClassAttentionConfig", "MixViTConfig", "MixViTModel", "ClassAttentionModel", "Subnetwork", "SingleCutMix",
            "build_class_attention_backbone", "ensemble_logits"]
 
 BACKBONES = ("convit", "cait")
@@ -215,6 +217,11 @@ class ClassAttentionModel(SavedByFolder, nn.Module):
         """Subnetwork i's head on ``cls[:, i]``: ``(B, M, d) -> (B, M, C)``."""
         return torch.stack([head(cls[:, i]) for i, head in enumerate(self.heads)], dim=1)
 
+    def subnetwork_features(self, x: Tensor) -> Tensor:
+        """What each subnetwork's dense head reads for one image: ``(B, 1, C, H, W) -> (B, M, d)``
+        (the M class tokens after class attention and the final norm)."""
+        raise NotImplementedError
+
     def subnetwork(self, index: int) -> "Subnetwork":
         if not 0 <= index < self.subnetworks:
             raise ValueError(f"subnetwork index {index} out of range: this model has {self.subnetworks}")
@@ -276,6 +283,60 @@ class MixViTModel(ClassAttentionModel):
         logits = self.predict_each(cls)
         return logits if return_subnetworks else ensemble_logits(logits)
 
+    def subnetwork_features(self, x: Tensor) -> Tensor:
+        """Parallel inference up to the heads: ``(B, 1, C, H, W) -> (B, M, d)``, subnetwork i's class
+        token (what ``heads[i]`` reads); M = 1 for the single-input model."""
+        b = x.shape[0]
+        t = self.extract(self.add_positions(self.backbone.patch_embed(images_of(x, 1, self.in_shape))))
+        if self.subnetworks == 1:
+            return self.classify(t).view(b, 1, -1)
+        return self.classify(self.attribution(t).flatten(0, 1)).view(b, self.subnetworks, -1)
+
     def extra_repr(self) -> str:
         c = self.config
         return f"backbone={c.backbone}, depth={c.depth}+{c.class_depth}, subnetworks={c.subnetworks}, source={c.source}"
+
+
+class SingleCutMix(nn.Module):
+    """The single-input model trained on MixViT's token CutMix: a control the paper does not run.
+
+    Wraps a single-input :class:`MixViTModel` (``subnetworks=1``). Training, with
+    :class:`mux.losses.MultiInputLoss` ``("token_cutmix")``: ``x`` ``(B, M, C, H, W)`` and the source
+    mask ``sources`` ``(B, M, L)`` -> the M images' tokens cut-mixed exactly as MixViT mixes them ->
+    the backbone and its ONE head -> one prediction ``(B, C)``, returned M times ``(B, M, C)`` so that
+    the loss is ``sum_i lambda_i CE(y_i, p)``: CutMix's lambda-weighted cross-entropy on tokens.
+    Inference (``sources=None``): the wrapped model on one image, ``(B, 1, C, H, W) -> (B, 1, C)``.
+
+    Everything MixViT adds beyond the mixing (source attribution, M heads, M class-attention
+    passes) is absent, so a comparison with MixViT isolates the multiple outputs from the mixing.
+    ``model`` holds the trained single-input model.
+    """
+
+    n_mux = 1
+
+    def __init__(self, model: MixViTModel, inputs: int = 2):
+        super().__init__()
+        if not isinstance(model, MixViTModel) or model.subnetworks != 1:
+            raise ValueError("SingleCutMix wraps the single-input MixViTModel (subnetworks=1, source='none'), got "
+                             f"{type(model).__name__} with {getattr(model, 'subnetworks', '?')} subnetworks")
+        self.model = model
+        self.subnetworks = check_n(inputs, name="inputs (images cut-mixed per example)")
+        if self.subnetworks < 2:
+            raise ValueError(f"CutMix mixes M >= 2 images, got inputs={inputs}")
+        self.multiplexer = TokenCutMixMultiplexer(self.subnetworks, model.config.embed_dim)
+
+    @property
+    def config(self) -> MixViTConfig:  # what MultiInputLoss reads to draw masks: image_size, patch_size
+        return self.model.config
+
+    def forward(self, x: Tensor, sources: Tensor | None = None) -> Tensor:
+        if sources is None:
+            return self.model(x)
+        net, m, b = self.model, self.subnetworks, x.shape[0]
+        tokens = net.add_positions(net.backbone.patch_embed(images_of(x, m, net.in_shape)))
+        mixed = self.multiplexer(tokens.view(b, m, -1, net.config.embed_dim), sources)
+        logits = net.heads[0](net.classify(net.extract(mixed)))  # (B, C): one prediction for the mixture
+        return logits.unsqueeze(1).expand(-1, m, -1)
+
+    def extra_repr(self) -> str:
+        return f"token CutMix of {self.subnetworks} inputs, one head"

@@ -238,29 +238,34 @@ def _vision(config, p) -> tuple[list[Training], list[str]]:
 
 def _mixvit(config, p) -> tuple[list[Training], list[str]]:
     from .. import MIMOViTConfig, MIMOViTModel, MixViTConfig, MixViTModel
+    from ..models.mixvit import SingleCutMix
 
     shape, classes = _image_shape(p), _classes(config, p)
     if p.get("timm_name"):
         sizes = MixViTConfig.from_timm(p["timm_name"]).to_dict()
-    else:
-        sizes = {k: p.get(k, d) for k, d in (("backbone", "cait"), ("embed_dim", 64), ("depth", 4),
-                                              ("class_depth", 2), ("num_heads", 4), ("patch_size", 2))}
+    else:  # the notebook's defaults where the configuration sets nothing
+        sizes = {k: p.get(k, d) for k, d in (("backbone", "cait"), ("embed_dim", 64), ("depth", 3),
+                                              ("class_depth", 1), ("num_heads", 4), ("patch_size", 4))}
     sizes = {k: sizes[k] for k in ("backbone", "embed_dim", "depth", "class_depth", "num_heads", "patch_size",
                                    "mlp_ratio", "timm_name") if k in sizes}
     common = dict(sizes, num_classes=classes, image_size=shape[1], in_chans=shape[0],
                   init_values=p.get("init_values", 0.1))
-    m, steps = p.get("subnetworks", 2), p.get("steps", 300)
+    m, steps = p.get("subnetworks", 2), p.get("steps", 200)
     arch = {"tokens": (shape[1] // sizes["patch_size"]) ** 2 + 1, "width": sizes["embed_dim"],
             "layers": sizes["depth"] + sizes["class_depth"]}
-    builds = {"single": lambda: MixViTModel(MixViTConfig(**common, subnetworks=1, source="none"), load_pretrained=False),
-              "embedding": lambda: MixViTModel(MixViTConfig(**common, subnetworks=m, source="embedding"),
-                                               load_pretrained=False),
-              "encoding": lambda: MixViTModel(MixViTConfig(**common, subnetworks=m, source="encoding"),
-                                              load_pretrained=False),
+
+    def mixvit(subnetworks: int, source: str):
+        return lambda: MixViTModel(MixViTConfig(**common, subnetworks=subnetworks, source=source), load_pretrained=False)
+
+    builds = {"single": mixvit(1, "none"), "embedding": mixvit(m, "embedding"), "encoding": mixvit(m, "encoding"),
+              "none": mixvit(m, "none"), "single_cutmix": lambda: SingleCutMix(mixvit(1, "none")(), m),
               "mimo": lambda: MIMOViTModel(MIMOViTConfig(**common, subnetworks=m), load_pretrained=False)}
     builds["mixmo"] = builds["mimo"]
-    plan = [Training(kind, 1, steps, build, {"image": shape, "classes": classes, "mixvit": kind}, 1.0, arch)
-            for _ in p.get("seeds", [0]) for kind, build in builds.items()]
+    seeds = p.get("seeds", [0, 1, 2])
+    kinds = [(kind, len(seeds)) for kind in p.get("models", ["single", "single_cutmix", "embedding"])]
+    kinds += [(kind, 1) for kind in p.get("first_seed_models", ["none"]) if kind not in dict(kinds)]
+    plan = [Training(kind, 1, steps, builds[kind], {"image": shape, "classes": classes, "mixvit": kind}, 1.0, arch)
+            for kind, times in kinds for _ in range(times)]
     return plan, ["every MixViT kind costs one backbone pass an image (as the configurations' estimates assume)"]
 
 
@@ -474,6 +479,7 @@ def _synthetic(t: Training, size: int):
         return rows, classification_loss, lambda b: {k: torch.stack([r[k] for r in b]) for k in b[0]}
     images = torch.rand((size, *t.data["image"]), generator=g)
     losses = {"embedding": MultiInputLoss("token_cutmix", 0.5), "encoding": MultiInputLoss("token_cutmix", 0.5),
+              "none": MultiInputLoss("token_cutmix", 0.5), "single_cutmix": MultiInputLoss("token_cutmix", 0.5),
               "mimo": MultiInputLoss("sum"), "mixmo": MultiInputLoss("mixmo", 2.0)}
     loss = losses.get(t.data.get("mixvit"), TaskAndRetrievalLoss(0.9, 0.1) if t.kind.startswith("im ")
                       else classification_loss)
