@@ -769,3 +769,40 @@ def test_a_timm_model_by_name_gives_its_sizes_and_builds_offline():
         mux.ViTClassifier(wrong)
     with pytest.raises(ValueError, match="pretrained=True needs timm_name"):
         mux.VisionConfig(pretrained=True)
+
+
+# ---------------------------------------------------------------- chapter 04's rework: CNN patchifier, attention
+
+
+@pytest.mark.parametrize("image_size, patch_size", [(9, 2), (8, 3), (10, 4)])
+def test_a_cnn_patchifier_refuses_an_image_size_its_stride_does_not_divide(image_size, patch_size):
+    with pytest.raises(ValueError, match=rf"cnn patchifier .* image_size {image_size} is not divisible by "
+                                         rf"patch_size {patch_size}"):
+        mux.ImageMultiplexerConfig(**{**TINY, "image_size": image_size, "patch_size": patch_size}, n_mux=2,
+                                   patchifier="cnn", num_codes=None)
+
+
+def test_the_cnn_image_multiplexer_trains_without_a_codebook():
+    """Chapter 04's main Image Multiplexer: the ViT's own patch embedding, no codes, cross-entropy alone."""
+    torch.manual_seed(0)
+    cfg = mux.ImageMultiplexerConfig(**TINY, n_mux=2, patchifier="cnn", num_codes=None)
+    model = mux.ImageMultiplexerModel(cfg)
+    assert model.code_embed is None and model.retrieval_head is None and model.tokenizer is None
+    x, y = images(6, 1, 8, 8), torch.randint(0, CLASSES, (6,))
+    result = mux.train(model, TensorDataset(x, y), mux.TrainConfig(max_steps=2, batch_size=6, cpu=True,
+                                                                    progress=False), 2)
+    assert result.steps == 2 and result.model(images(3, 2, 1, 8, 8)).shape == (3, 2, CLASSES)
+    with pytest.raises(ValueError, match="token retrieval needs a codebook"):
+        model(images(3, 2, 1, 8, 8), return_retrieval=True)
+
+
+def test_the_concatplexer_cls_attention_reads_each_slot_from_its_own_tokens():
+    """With k = 0 and the C-Multiplexer, tokens 0 .. L/N - 1 of the shared sequence are image 1's and the
+    rest image 2's: changing image 2 leaves the first half of the sequence, before any block, unchanged."""
+    model = concatplexer(n=2, k=0)
+    a, b = images(1, 2, 1, 8, 8, seed=1), images(1, 2, 1, 8, 8, seed=2)
+    b[:, 0] = a[:, 0]
+    with torch.no_grad():
+        ta, tb = model.multiplexer(model.patchify(a)), model.multiplexer(model.patchify(b))
+    assert_close(ta[:, : L // 2], tb[:, : L // 2])
+    assert not torch.allclose(ta[:, L // 2:], tb[:, L // 2:])

@@ -127,6 +127,12 @@ class ImageMultiplexerConfig(VisionConfig):
     mux_seed: int = 0  # seed of the fixed orthogonal transforms
 
     def __post_init__(self):
+        if self.patchifier == "cnn" and isinstance(self.image_size, int) and isinstance(self.patch_size, int) \
+                and self.patch_size > 0 and self.image_size % self.patch_size:
+            raise ValueError(f"the cnn patchifier is a convolution with kernel = stride = patch_size {self.patch_size}: "
+                             f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}, so its "
+                             f"last {self.image_size % self.patch_size} pixel row(s) and column(s) would be dropped; "
+                             "resize the images or choose a patch size that divides them")
         super().__post_init__()
         check_n(self.n_mux)
         if self.patchifier not in PATCHIFIERS:
