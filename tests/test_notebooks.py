@@ -180,6 +180,13 @@ VISION_TINY = dict(dataset="imagefolder", image_size=16, patch_size=4, embed_dim
     (dict(concat_points=[0, 5]), "concat point 5 is outside the model: k must lie in 0 .. depth - 1 = 2"),
     (dict(mux_n=[3]), "16 tokens per image are not a multiple of N=3"),
     (dict(patch_size=3), "digits images are 8 pixels wide, not a multiple of patch_size 3"),
+    (dict(seeds=[]), "parameter 'seeds' should be a non-empty list[int], got []"),
+    (dict(seeds=[0.5, 1]), "at seeds[0]: Input should be a valid integer"),
+    (dict(seeds=[1, 1]), "seeds [1, 1] repeat a seed"),
+    (dict(test_images=5000), "test_images=5000: there are 1617 images to test on (1797 digits less 180 validation "
+                             "images)"),
+    (dict(val_images=5), "val_images: a split of 5 images would empty a class (there are 10 classes in 1797 digits)"),
+    (dict(test_images=1610), "training: a split of 7 images would empty a class (there are 10 classes in 1797 digits)"),
 ])
 def test_vision_bad_parameters_stop_with_a_clear_message(tmp_path, bad, message):
     params = dict(VISION_TINY, dataset="digits", patch_size=2, out_dir=str(tmp_path))
