@@ -19,6 +19,7 @@ from .images import (
     load_digits_splits,
     load_image_dataset,
     load_torchvision,
+    seeded_images,
     timm_train_transform,
 )
 from .corpus import ReplacedTokenCollator, corpus_stats, load_pretraining_corpus, mlm_collator
@@ -42,6 +43,7 @@ __all__ = [
     "load_torchvision",
     "AUGMENTATIONS",
     "MixupCollate",
+    "seeded_images",
     "timm_train_transform",
     "TEXT_TASKS",
     "load_sentences",

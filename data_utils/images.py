@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,7 @@ __all__ = [
     "timm_train_transform",
     "timm_normalization",
     "MixupCollate",
+    "seeded_images",
 ]
 
 AUGMENTATIONS = ("none", "timm")
@@ -668,6 +670,26 @@ def load_image_dataset(name: str, root: str | Path = "data", download: bool = Tr
         return image_folder(root, image_size=image_size, seed=seed, verify=verify, augment=augment,
                             normalize=normalize)
     raise ValueError(f"unknown dataset {name!r}; expected one of {list(IMAGE_DATASETS)}")
+
+
+def seeded_images(dataset: Dataset, seed: int, limit: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """The first ``limit`` images of ``dataset`` (all when None) as one ``(M, C, H, W)`` tensor, with
+    their ``(M,)`` integer labels, any random transforms drawn from ``seed``.
+
+    A training split with ``augment="timm"`` returns another random view of an image at every read.
+    A model fitted to such a read (the chapters' logistic-regression floors) must see the same views
+    on every run and on a resume, so Python's, NumPy's and torch's generators are seeded for the read
+    and then put back as they were, so that the trainings after it draw what they would have drawn.
+    """
+    size = len(dataset) if limit is None else min(len(dataset), limit)
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+            items = [dataset[i] for i in range(size)]
+    finally:
+        random.setstate(python_state), np.random.set_state(numpy_state)
+    return torch.stack([x for x, _ in items]), np.array([int(y) for _, y in items])
 
 
 class MixupCollate:

@@ -315,3 +315,34 @@ def test_image_folder_bad_image_size(tmp_path):
     for size in (0, -8):
         with pytest.raises(ValueError, match=f"image_size must be a positive number of pixels, got {size}"):
             image_folder(tmp_path, image_size=size)
+
+
+class _RandomView(torch.utils.data.Dataset):
+    """An augmented split in miniature: every read draws noise from torch, NumPy and Python's random."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        import random
+
+        noise = torch.rand(1, 2, 2) + float(np.random.rand()) + random.random()
+        return noise + i, i % 3
+
+
+def test_seeded_images_draws_the_same_views_and_leaves_the_generators_as_they_were():
+    import random
+
+    from data_utils import seeded_images
+
+    ds = _RandomView()
+    torch.manual_seed(7), np.random.seed(7), random.seed(7)
+    expected = (torch.rand(3), np.random.rand(), random.random())  # what the code after the read would draw
+    torch.manual_seed(7), np.random.seed(7), random.seed(7)
+    x, y = seeded_images(ds, seed=3)
+    after = (torch.rand(3), np.random.rand(), random.random())
+    assert torch.equal(after[0], expected[0]) and after[1:] == expected[1:]
+    again, labels = seeded_images(ds, seed=3, limit=4)
+    assert x.shape == (6, 1, 2, 2) and y.tolist() == [0, 1, 2, 0, 1, 2]
+    assert torch.equal(again, x[:4]) and labels.tolist() == [0, 1, 2, 0]
+    assert not torch.equal(seeded_images(ds, seed=4)[0], x)  # another seed, other views
