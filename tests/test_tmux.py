@@ -477,6 +477,26 @@ def test_load_warmup_copies_all_but_the_task_head(tok):
         assert_close(_outputs(model.eval(), x, 2)["retrieval_logits"], _outputs(warmup.eval(), x, 2)["retrieval_logits"])
 
 
+@pytest.mark.parametrize("n, vanilla", [(1, True), (1, False), (3, False)])
+def test_a_sentence_head_demultiplexes_the_cls_position_alone(n, vanilla):
+    """The sentence forward demultiplexes position 0 only: the same logits as demultiplexing every position."""
+    model = tiny(n, "sentence", vanilla=vanilla)
+    x = sentences(random_lengths(2 * n, seed=4))
+    ids, mask = x["input_ids"].view(2, n, -1), x["attention_mask"].view(2, n, -1)
+    types = torch.zeros_like(ids)
+    with torch.no_grad():
+        first = model.encode(ids, mask, types, first_only=True)
+        full = model.encode(ids, mask, types)
+        logits = model(ids, mask)["logits"]
+    assert first.shape == (2, n, 1, TINY["hidden_size"])
+    assert_close(first, full[:, :, :1])
+    assert_close(logits, model.head(full[:, :, 0]))
+    with torch.no_grad():  # with the retrieval outputs, every position is demultiplexed as before
+        both = model(ids, mask, return_retrieval=True)
+    assert_close(both["logits"], logits)
+    assert both["retrieval_logits"].shape[:3] == ids.shape
+
+
 @pytest.mark.parametrize("change, named", [
     (dict(n_mux=3), "n_mux"),
     (dict(vocab_size=V + 10), "vocab_size"),

@@ -215,10 +215,13 @@ class TMUXModel(nn.Module):
         return input_ids.masked_fill(ignore, IGNORE_INDEX)
 
     # -- forward ------------------------------------------------------------------------------
-    def encode(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor) -> Tensor:
+    def encode(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor,
+               first_only: bool = False) -> Tensor:
         """Embed, multiplex, run the encoder and demultiplex: ``(B, N, L)`` -> ``(B, N, L, d)``.
 
         Position 0 of every output row is the instance's ``[CLS]``; the prefix is dropped.
+        ``first_only=True`` demultiplexes position 0 alone, ``(B, N, 1, d)``: all a sentence
+        head reads (the same values as ``encode(...)[:, :, :1]``, without the work of the rest).
         """
         from transformers.masking_utils import create_bidirectional_mask
 
@@ -227,7 +230,7 @@ class TMUXModel(nn.Module):
         if c.vanilla:  # one sentence per pass: BERT as it is
             h = bert(input_ids=input_ids[:, 0], attention_mask=attention_padding(attention_mask[:, 0]),
                      token_type_ids=token_type_ids[:, 0]).last_hidden_state
-            return h.unsqueeze(1)  # (B, 1, L, d)
+            return h[:, :1].unsqueeze(1) if first_only else h.unsqueeze(1)  # (B, 1, L or 1, d)
         words = bert.embeddings.word_embeddings(input_ids)  # (B, N, L, d)
         prefix = self.prefix_embeddings(self.prefix_ids).expand(b, n, n, c.hidden_size)  # (B, N, N, d)
         tokens = torch.cat([prefix.to(words.dtype), words], dim=2)  # (B, N, N + L, d)
@@ -237,7 +240,8 @@ class TMUXModel(nn.Module):
         mixed = self.mux(embedded.view(b, n, n + length, -1), mask)  # (B, N + L, d)
         attend = create_bidirectional_mask(config=bert.config, inputs_embeds=mixed, attention_mask=attention_padding(union_mask(mask)))
         h = bert.encoder(mixed, attention_mask=attend).last_hidden_state  # (B, N + L, d)
-        return self.demux(h[:, n:], prefix=h[:, :n])  # keys: the N index slots -> (B, N, L, d)
+        text = h[:, n:n + 1] if first_only else h[:, n:]  # the [CLS] state alone, or every text position
+        return self.demux(text, prefix=h[:, :n])  # keys: the N index slots -> (B, N, L or 1, d)
 
     def _inputs(self, input_ids: Tensor, attention_mask: Tensor | None, token_type_ids: Tensor | None):
         """Check the inputs; fill a missing mask with ones and missing token types with zeros."""
@@ -249,7 +253,8 @@ class TMUXModel(nn.Module):
                 return_retrieval: bool = False) -> dict[str, Tensor]:
         attention_mask, token_type_ids = self._inputs(input_ids, attention_mask, token_type_ids)
         c = self.config
-        z = self.encode(input_ids, attention_mask, token_type_ids)  # (B, N, L, d)
+        first_only = c.task == "sentence" and not return_retrieval  # a sentence head reads [CLS] alone
+        z = self.encode(input_ids, attention_mask, token_type_ids, first_only=first_only)  # (B, N, L or 1, d)
         out = {}
         if c.task == "sentence":
             out["logits"] = self.head(self.dropout(z[:, :, 0]))  # (B, N, C) from each instance's [CLS]
