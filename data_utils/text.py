@@ -56,6 +56,7 @@ __all__ = [
     "train_wordpiece_tokenizer",
     "load_tokenizer",
     "load_text_task",
+    "negation_ceiling",
 ]
 
 
@@ -493,6 +494,24 @@ _NEGATION_WORD = re.compile(r"[\w']+")  # identifiers such as no_debug_ranges st
 
 def _is_negated(sentence: str) -> bool:
     return any(w.lower() in NEGATION_WORDS or w.lower().endswith("n't") for w in _NEGATION_WORD.findall(sentence))
+
+
+def negation_ceiling(task, tokenizer) -> dict:
+    """How many of a negation task's negated test sentences still show a negation word after truncation.
+
+    ``task`` is the ``"negation"`` :class:`TextTask`; each test sentence is decoded from the token ids
+    the model reads (``max_length`` tokens at most), so a negation word cut off by the truncation is
+    gone. Returns ``{"negated": ..., "lost": ..., "ceiling": ...}``: the negated test sentences, those
+    whose negation word is gone (their label cannot be read from the tokens), and the best test
+    accuracy a model can then expect, ``1 - lost / len(task.test)`` (about: it could still guess a
+    lost one right).
+    """
+    if task.name != "negation":
+        raise ValueError(f"negation_ceiling reads the 'negation' task, got {task.name!r}")
+    negated = [i for i, y in enumerate(task.test.labels) if y == 1]
+    texts = [tokenizer.decode(task.test[i]["input_ids"], skip_special_tokens=True) for i in negated]
+    lost = sum(not _is_negated(text) for text in texts)
+    return {"negated": len(negated), "lost": lost, "ceiling": 1 - lost / len(task.test)}
 
 
 def _negation(records: list[SentenceRecord], rng: random.Random):

@@ -296,6 +296,18 @@ def test_retrieval_task_truncates_and_matches_the_model_labels(tokenizer):
     assert scores["n_scored"] == sum(y != -100 for i in range(11) for y in task.val[i]["labels"])
 
 
+def test_negation_ceiling_counts_the_negation_words_the_truncation_cuts(tokenizer, tasks):
+    from data_utils.text import negation_ceiling
+
+    whole = negation_ceiling(load_text_task("negation", tokenizer, max_length=512), tokenizer)
+    assert whole["lost"] == 0 and whole["ceiling"] == 1.0  # nothing is cut at 512 tokens
+    short = negation_ceiling(load_text_task("negation", tokenizer, max_length=6), tokenizer)
+    assert short["negated"] == whole["negated"] and 0 < short["lost"] <= short["negated"]
+    assert short["ceiling"] == 1 - short["lost"] / (2 * short["negated"])  # balanced test split
+    with pytest.raises(ValueError, match="reads the 'negation' task, got 'casing'"):
+        negation_ceiling(tasks["casing"], tokenizer)
+
+
 def test_negation_labels_follow_the_keyword_rule(tasks):
     from data_utils.text import NEGATION_WORDS
 
