@@ -1,6 +1,6 @@
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -55,13 +55,16 @@ def test_mlp_demultiplexer_shapes(n, d, b):
 @settings(deadline=None, max_examples=15)
 @given(n=st.integers(1, 6), d=st.integers(2, 24), b=st.integers(1, 3), length=st.integers(1, 4),
        seed=st.integers(0, 1000))
+@example(n=5, d=2, b=1, length=2, seed=406)  # a clean-clone run's failure at float32's default tolerance
 def test_batched_demultiplexer_equals_a_loop_of_n_mlps(n, d, b, length, seed):
     torch.manual_seed(seed)
     demux = randomise_(mux.MLPDemultiplexer(n, d))
     mlps = reference_demultiplexer(demux)
     for h in (torch.randn(b, d), torch.randn(b, length, d)):  # (B, d) and (B, L, d)
         expected = torch.stack([mlp(h) for mlp in mlps], dim=1)  # (B, N, ..., d)
-        torch.testing.assert_close(demux(h), expected)
+        # the batched product sums in another order than the loop; a LayerNorm over d = 2 features divides by a
+        # tiny spread and magnifies that last-bit difference (3e-5 seen), still far below any miswiring
+        torch.testing.assert_close(demux(h), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_batched_demultiplexer_gradients_equal_the_loop():
