@@ -13,11 +13,12 @@ else:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 # Image folders found readable are remembered (data_utils.images); the tests' folders are remembered in a
-# folder of this session's, not in the user's ~/.cache.
+# folder of this session's (removed when it ends; xdist workers inherit it), not in the user's ~/.cache.
 if not os.environ.get("MUX_VERIFIED_CACHE"):
     import tempfile
 
-    os.environ["MUX_VERIFIED_CACHE"] = tempfile.mkdtemp(prefix="mux-verified-")
+    _verified_cache = tempfile.TemporaryDirectory(prefix="mux-verified-")
+    os.environ["MUX_VERIFIED_CACHE"] = _verified_cache.name
 
 
 @pytest.fixture(scope="module")
