@@ -6,7 +6,7 @@ is minimised (the other entries are logged beside it by :func:`mux.train`, e.g.
 ``{"loss": ce + retrieval, "ce": ce, "retrieval": retrieval}``).
 
 ``batch`` is what the data loader yields: ``(x, labels)`` pairs or a dict of tensors with
-a ``labels`` entry (see :mod:`mux.evaluate`); ``n`` is the number of instances per tuple.
+a ``labels`` entry (see :mod:`mux.evaluation`); ``n`` is the number of instances per tuple.
 """
 from __future__ import annotations
 

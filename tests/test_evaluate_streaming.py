@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 import mux
-evaluation = importlib.import_module("mux.evaluate")  # the module (mux.evaluate is also the function)
+evaluation = importlib.import_module("mux.evaluation")  # the module of mux.evaluate
 
 
 class Tokens(Dataset):

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from torch.testing import assert_close
 
 import mux
-from mux.evaluate import _ensemble_seed
+from mux.evaluation import _ensemble_seed
 from mux.models.mux_plm import STAGES, MUXPLMConfig, MUXPLMModel
 
 from text_batches import CLS, MASK, PAD, SEP, SPECIAL, UNK, V, sentences  # noqa: F401
