@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from ..env import return_freed_memory
 from ..grouping import check_n
 from ..losses import classification_loss
 from .checkpoints import Progress, model_fingerprint, refuse_existing, resume, run_identity, save_checkpoint
@@ -152,11 +153,18 @@ def train(
         bare = accelerator.unwrap_model(model, keep_fp32_wrapper=False, keep_torch_compile=False)
         for tracker in accelerator.trackers:  # not end_training(): that also ends a torchrun's process group
             tracker.finish()
-        accelerator.free_memory()
+        forget_run(accelerator)
     return TrainResult(model=bare, steps=p.step, history=p.history, evaluations=p.evaluations,
                        resumed_from=p.resumed_from, seconds=time.perf_counter() - started,
                        device=str(accelerator.device), num_processes=accelerator.num_processes,
                        is_main_process=accelerator.is_main_process)
+
+
+def forget_run(accelerator: Accelerator) -> None:
+    """The accelerator drops its references to the run's model, optimiser and loaders; the memory they held
+    goes back to the operating system (:func:`mux.env.return_freed_memory`)."""
+    accelerator.free_memory()
+    return_freed_memory()
 
 
 def ready_to_run(accelerator: Accelerator, model: nn.Module, cfg: TrainConfig, root: Path | None, run: dict,
