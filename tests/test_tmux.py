@@ -612,3 +612,17 @@ def test_load_weights_refuses_a_checkpoint_of_another_n_or_vocabulary(tmp_path):
     for other in (tiny(3, "retrieval"), tiny(2, "retrieval", vocab_size=V + 10), tiny(1, "retrieval", vanilla=True)):
         with pytest.raises(ValueError, match="written by a different model"):
             mux.load_weights(other, ckpt)
+
+
+@pytest.mark.parametrize("multiplexer", ["gaussian_hadamard", "orthogonal", "binary_hadamard", "contextual"])
+def test_embedding_in_blocks_gives_the_encoding_of_all_instances_at_once(multiplexer):
+    """Blocks of 2, 2 and 1 instances, one tuple each (the contextual multiplexer takes all 5 at once) give
+    the outputs of one block holding every instance of every tuple."""
+    model = tiny(5, "token", multiplexer=multiplexer)
+    x = sentences(random_lengths(15, seed=5))
+    ids, mask = x["input_ids"].view(3, 5, -1), x["attention_mask"].view(3, 5, -1)
+    types = torch.zeros_like(ids)
+    with torch.no_grad():
+        whole = model.encode(ids, mask, types)
+        model.block_elements = 2 * (5 + ids.shape[-1]) * TINY["hidden_size"]
+        assert_close(model.encode(ids, mask, types), whole)

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from ..demultiplexers import RSADemultiplexer
 from ..grouping import attention_padding, check_n, union_mask
-from ..multiplexers import make_multiplexer
+from ..multiplexers import make_multiplexer, mix_in_blocks
 from .common import SavedByFolder, copy_shared_weights, seeded
 from .tmux import TMUXConfig, TMUXModel
 
@@ -195,32 +195,17 @@ class MUXPLMModel(SavedByFolder, TMUXModel):
     block_elements = 2**20
 
     def embed_and_mix(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor) -> Tensor:
-        """BERT's embeddings of every instance, then the multiplexer: ``(B, N, L)`` -> ``(B, L, d)``.
+        """BERT's embeddings of every instance, then the multiplexer: ``(B, N, L)`` -> ``(B, L, d)``, the
+        instances embedded and mixed a block of about ``block_elements`` numbers at a time
+        (:func:`mux.multiplexers.mix_in_blocks`)."""
+        bert = self.backbone
 
-        With a separable multiplexer (the fixed ones: the mixture is a masked mean of
-        per-instance terms), the instances are embedded and mixed a block at a time and the
-        blocks' partial sums added up: the same numbers, up to the order of the additions, as
-        embedding all B x N instances at once, without the (B, N, L, d) tensor that at large N
-        (N = 40, L = 128, d = 768: 250 MB for 16 tuples) outgrows the caches and costs more
-        than a tenth of the encoder's time on a CPU. The contextual multiplexer needs all N at once.
-        """
-        bert, (b, n, length), d = self.backbone, input_ids.shape, self.config.hidden_size
-        embed = lambda s: bert.embeddings(input_ids=input_ids[s].flatten(0, 1),  # noqa: E731
-                                          token_type_ids=token_type_ids[s].flatten(0, 1))
-        if not self.mux.separable:
-            return self.mux(embed(slice(None)).view(b, n, length, d), attention_mask)
-        per_block = max(1, min(n, self.block_elements // (length * d)))  # instances of a tuple per block
-        tuples = max(1, self.block_elements // (per_block * length * d))  # tuples per block
-        out = []
-        for t in range(0, b, tuples):
-            total = None
-            for i in range(0, n, per_block):
-                block = (slice(t, t + tuples), slice(i, i + per_block))
-                x = embed(block).view(-1, min(per_block, n - i), length, d)
-                part = self.mux.partial_sum(x, attention_mask[block], start=i)
-                total = part if total is None else total + part
-            out.append(total / n)
-        return torch.cat(out) if len(out) > 1 else out[0]
+        def embed(tuples: slice, instances: slice) -> Tensor:
+            ids = input_ids[tuples, instances]
+            out = bert.embeddings(input_ids=ids.flatten(0, 1), token_type_ids=token_type_ids[tuples, instances].flatten(0, 1))
+            return out.view(*ids.shape, -1)
+
+        return mix_in_blocks(self.mux, embed, attention_mask, self.config.hidden_size, self.block_elements)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
                 return_retrieval: bool = False) -> dict[str, Tensor]:

@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from ..demultiplexers import IndexDemultiplexer
 from ..grouping import IGNORE_INDEX, attention_padding, check_n, union_mask
-from ..multiplexers import MULTIPLEXERS, make_multiplexer
+from ..multiplexers import MULTIPLEXERS, make_multiplexer, mix_in_blocks
 from .common import copy_shared_weights, seeded
 
 __all__ = ["TMUXConfig", "TMUXModel", "TASKS"]
@@ -151,6 +151,9 @@ class TMUXModel(nn.Module):
     whose embeddings embed each instance and whose encoder processes the mixture.
     """
 
+    #: numbers (instances x (N + L) x d) embedded at once when the multiplexer is separable
+    block_elements = 2**20
+
     def __init__(self, config: TMUXConfig | None = None, **kwargs):
         super().__init__()
         from transformers import BertModel
@@ -231,13 +234,19 @@ class TMUXModel(nn.Module):
             h = bert(input_ids=input_ids[:, 0], attention_mask=attention_padding(attention_mask[:, 0]),
                      token_type_ids=token_type_ids[:, 0]).last_hidden_state
             return h[:, :1].unsqueeze(1) if first_only else h.unsqueeze(1)  # (B, 1, L or 1, d)
-        words = bert.embeddings.word_embeddings(input_ids)  # (B, N, L, d)
-        prefix = self.prefix_embeddings(self.prefix_ids).expand(b, n, n, c.hidden_size)  # (B, N, N, d)
-        tokens = torch.cat([prefix.to(words.dtype), words], dim=2)  # (B, N, N + L, d)
-        types = torch.cat([token_type_ids.new_zeros(b, n, n), token_type_ids], dim=2)
         mask = torch.cat([attention_mask.new_ones(b, n, n), attention_mask], dim=2)  # prefix slots are real
-        embedded = bert.embeddings(inputs_embeds=tokens.flatten(0, 1), token_type_ids=types.flatten(0, 1))
-        mixed = self.mux(embedded.view(b, n, n + length, -1), mask)  # (B, N + L, d)
+
+        def embed(tuples: slice, instances: slice) -> Tensor:  # (b', k, N + L, d): prefix, then the words
+            words = bert.embeddings.word_embeddings(input_ids[tuples, instances])  # (b', k, L, d)
+            prefix = self.prefix_embeddings(self.prefix_ids[instances]).expand(*words.shape[:2], n, c.hidden_size)
+            tokens = torch.cat([prefix.to(words.dtype), words], dim=2)  # (b', k, N + L, d)
+            types = token_type_ids[tuples, instances]
+            types = torch.cat([types.new_zeros(*types.shape[:2], n), types], dim=2)
+            out = bert.embeddings(inputs_embeds=tokens.flatten(0, 1), token_type_ids=types.flatten(0, 1))
+            return out.view(*tokens.shape)
+
+        # every instance embedded and mixed, a block of instances at a time (mux.multiplexers.mix_in_blocks)
+        mixed = mix_in_blocks(self.mux, embed, mask, c.hidden_size, self.block_elements)  # (B, N + L, d)
         attend = create_bidirectional_mask(config=bert.config, inputs_embeds=mixed, attention_mask=attention_padding(union_mask(mask)))
         h = bert.encoder(mixed, attention_mask=attend).last_hidden_state  # (B, N + L, d)
         text = h[:, n:n + 1] if first_only else h[:, n:]  # the [CLS] state alone, or every text position
