@@ -18,16 +18,15 @@ COURSE_PACKAGES = (
 
 
 def return_freed_memory() -> None:
-    """Give the memory freed since the last call back to the operating system, where the C library allows it.
+    """Give the memory of freed objects back to the operating system, where the C library allows it.
 
     On Linux, glibc keeps the pages of freed tensors for later allocations; after a training, a notebook
     that trains a dozen models in one kernel holds a growing pool of them (about 135 MB after chapter 02's
-    three warm-ups). ``malloc_trim`` returns them; elsewhere (macOS, musl) this does nothing.
+    three warm-ups). ``malloc_trim`` returns them (microseconds); elsewhere (macOS, musl) this does nothing.
+    Objects kept alive by reference cycles are not freed yet: ``gc.collect()`` first.
     """
     import ctypes
-    import gc
 
-    gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc

@@ -161,8 +161,8 @@ def train(
 
 
 def forget_run(accelerator: Accelerator) -> None:
-    """The accelerator drops its references to the run's model, optimiser and loaders; the memory they held
-    goes back to the operating system (:func:`mux.env.return_freed_memory`)."""
+    """The accelerator drops its references to the run's model, optimiser and loaders (and collects garbage);
+    the memory they held goes back to the operating system (:func:`mux.env.return_freed_memory`)."""
     accelerator.free_memory()
     return_freed_memory()
 
