@@ -191,12 +191,9 @@ class MUXPLMModel(SavedByFolder, TMUXModel):
         h = bert.encoder(mixed, attention_mask=attend).last_hidden_state  # (B, L, d)
         return self.demux(h[:, 0] if first_only else h)  # (B, N, d) or (B, N, L, d)
 
-    #: elements (instances x L x d) embedded at once when the multiplexer is separable
-    block_elements = 2**20
-
     def embed_and_mix(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor) -> Tensor:
         """BERT's embeddings of every instance, then the multiplexer: ``(B, N, L)`` -> ``(B, L, d)``, the
-        instances embedded and mixed a block of about ``block_elements`` numbers at a time
+        instances embedded and mixed a block of about ``block_elements`` numbers (T-MUX's) at a time
         (:func:`mux.multiplexers.mix_in_blocks`)."""
         bert = self.backbone
 
