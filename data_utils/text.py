@@ -57,6 +57,7 @@ __all__ = [
     "load_tokenizer",
     "load_text_task",
     "negation_ceiling",
+    "bag_of_tokens_floor",
 ]
 
 
@@ -512,6 +513,44 @@ def negation_ceiling(task, tokenizer) -> dict:
     texts = [tokenizer.decode(task.test[i]["input_ids"], skip_special_tokens=True) for i in negated]
     lost = sum(not _is_negated(text) for text in texts)
     return {"negated": len(negated), "lost": lost, "ceiling": 1 - lost / len(task.test)}
+
+
+def bag_of_tokens_floor(task: TextTask, cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)) -> dict:
+    """A non-neural baseline for a sentence task: logistic regression on bags of the token ids the models read.
+
+    Each example becomes the counts of its ``input_ids`` (after the same truncation the models see;
+    a pair is one bag of both sentences), with scikit-learn's ``CountVectorizer`` (the vocabulary
+    from the training split) and ``LogisticRegression``. The inverse regularisation ``C`` is chosen
+    among ``cs`` by accuracy on the validation split (the first best), then scored on every test
+    example. Word order is invisible to it: where it is close to a Transformer, the task is
+    mostly about which words occur.
+
+    Returns ``{"accuracy", "correct", "C", "val_accuracy"}``: test accuracy, each test example's
+    0/1 result in dataset order (for :func:`mux.stats.paired_difference`), the chosen ``C`` and
+    the validation accuracy of every ``C`` tried.
+    """
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    if task.task_type != "sentence":
+        raise ValueError(f"bag_of_tokens_floor needs a sentence task (one label per example); "
+                         f"{task.name!r} is a {task.task_type} task")
+    if not cs or any(not (isinstance(c, (int, float)) and c > 0) for c in cs):
+        raise ValueError(f"cs must be positive regularisation values C, got {cs!r}")
+
+    def ids(data: EncodedDataset) -> list[list[str]]:
+        return [[str(i) for i in row] for row in data.encodings["input_ids"]]
+
+    bags = CountVectorizer(analyzer=lambda tokens: tokens)
+    x_train = bags.fit_transform(ids(task.train))
+    x_val, x_test = bags.transform(ids(task.val)), bags.transform(ids(task.test))
+    fitted, val_accuracy = {}, {}
+    for c in cs:
+        fitted[c] = LogisticRegression(C=c, max_iter=2000).fit(x_train, task.train.labels)
+        val_accuracy[c] = float(fitted[c].score(x_val, task.val.labels))
+    best = max(cs, key=lambda c: val_accuracy[c])  # max keeps the first of equals
+    correct = [int(p == y) for p, y in zip(fitted[best].predict(x_test), task.test.labels)]
+    return {"accuracy": sum(correct) / len(correct), "correct": correct, "C": best, "val_accuracy": val_accuracy}
 
 
 def _negation(records: list[SentenceRecord], rng: random.Random):

@@ -319,3 +319,16 @@ def test_negation_labels_follow_the_keyword_rule(tasks):
             assert has == bool(label), (text, label)
         assert sum(split.labels) * 2 == len(split)  # balanced: all of the smaller class, as many of the larger
     assert task.label_names == ["affirmative", "negated"]
+
+
+def test_bag_of_tokens_floor_is_tuned_on_val_and_scores_every_test_sentence(tasks):
+    task = tasks["negation"]
+    floor = text_mod.bag_of_tokens_floor(task, cs=(0.1, 1.0))
+    assert len(floor["correct"]) == len(task.test) and set(floor["correct"]) <= {0, 1}
+    assert floor["accuracy"] == sum(floor["correct"]) / len(task.test)
+    assert floor["C"] == max((0.1, 1.0), key=lambda c: floor["val_accuracy"][c])
+    assert floor["accuracy"] > task.majority_baseline + 0.1  # negation words are in the bag
+    with pytest.raises(ValueError, match="sentence task"):
+        text_mod.bag_of_tokens_floor(tasks["casing"])
+    with pytest.raises(ValueError, match="positive"):
+        text_mod.bag_of_tokens_floor(task, cs=())
