@@ -151,7 +151,8 @@ def test_tmux_bad_parameters_stop_with_a_clear_message(tmp_path, bad, message):
 # Chapter 03 at a tiny size, for the bad parameters below.
 PLMS_TINY = dict(vocab_size=120, max_length=16, hidden_size=16, num_layers=1, num_heads=2, mux_n=[2, 3], compare_n=2,
                  prime_steps=3, pretrain_steps=3, finetune_steps=2, batch_size=12, throughput_n=[1, 2],
-                 throughput_trials=1, device="cpu", check_claims=False)
+                 throughput_length=16, throughput_hidden_size=16, throughput_layers=1, throughput_heads=2,
+                 throughput_sequences=1, throughput_trials=1, device="cpu", check_claims=False)
 
 
 @pytest.mark.notebook
