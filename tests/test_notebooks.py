@@ -123,7 +123,11 @@ def test_tmux_runs_on_other_parameters_and_resumes(tmp_path):
     assert set(first["headline"]) == {
         "retrieval_acc_n2", "retrieval_acc_n3", "negation_acc_n1", "negation_acc_n3", "negation_acc_vanilla",
         "negation_acc_no_warmup_n2", "casing_acc_n1", "casing_acc_n3", "casing_acc_vanilla",
-        "casing_acc_no_warmup_n2", "throughput_ratio_n2", "throughput_ratio_n3"}
+        "casing_acc_no_warmup_n2", "throughput_ratio_n2", "throughput_ratio_n3", "negation_acc_logreg",
+        "casing_acc_first_word_rule", "tmux_gap_n1", "tmux_gap_n1_ci95", "tmux_gap_n3", "tmux_gap_n3_ci95",
+        "tmux_no_warmup_gap_n2", "tmux_no_warmup_gap_n2_ci95", "tmux_casing_gap_n1", "tmux_casing_gap_n1_ci95",
+        "tmux_casing_gap_n3", "tmux_casing_gap_n3_ci95", "tmux_casing_no_warmup_gap_n2",
+        "tmux_casing_no_warmup_gap_n2_ci95"}
     assert first["vocabulary"] == 120 and first["parameters"]["warmup_n"] == [2, 3]
     assert all(0 <= v <= 1 for k, v in first["headline"].items() if "acc" in k)
     assert (ckpt / "warmup_n3_d16_seed0" / "checkpoint-00000004").is_dir()
