@@ -54,10 +54,7 @@ _EXPORTS = {
         "OrthogonalMultiplexer", "TokenCutMixMultiplexer", "cutmix_sources", "make_multiplexer", "tuple_mixup"
     ),
     "params": ("ParameterError", "check_parameters"),
-    "reporting": (
-        "accuracy_verdict", "paper_vs_ours", "read_metrics", "se_of_difference", "summary_table", "verdict_margin",
-        "verdict_table", "write_metrics"
-    ),
+    "reporting": ("paper_vs_ours", "read_metrics", "summary_table", "write_metrics"),
     "notebook": ("train_config",),
     "stats": (
         "PairedDifference", "expected_half_width", "gap_metrics", "gap_table", "interval_warning", "items_needed",

@@ -7,8 +7,7 @@ import math
 import os
 from pathlib import Path
 
-__all__ = ["write_metrics", "read_metrics", "summary_table", "paper_vs_ours", "se_of_difference", "accuracy_verdict",
-           "verdict_margin", "verdict_table"]
+__all__ = ["write_metrics", "read_metrics", "summary_table", "paper_vs_ours"]
 
 
 def _check_jsonable(value, path="metrics"):
@@ -110,53 +109,4 @@ def paper_vs_ours(rows: list[tuple[str, str, str]]) -> str:
     """A small markdown table ``| setting | paper | this run |`` for a notebook to display."""
     lines = ["| setting | paper | this run |", "| --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    return "\n".join(lines)
-
-
-def se_of_difference(a: float, b: float, m: int) -> float:
-    """Standard error of the difference of two accuracies ``a`` and ``b``, each measured on ``m``
-    test items: ``sqrt(a (1 - a) / m + b (1 - b) / m)`` (binomial, the two treated as independent)."""
-    if not m >= 1 or not (0 <= a <= 1 and 0 <= b <= 1):
-        raise ValueError(f"need accuracies in [0, 1] and m >= 1 test items, got a={a}, b={b}, m={m}")
-    return math.sqrt(a * (1 - a) / m + b * (1 - b) / m)
-
-
-def accuracy_verdict(a: float, b: float, what_a: str, what_b: str, m: int, spread: float = 0.0) -> str:
-    """One sentence comparing accuracy ``a`` of ``what_a`` with ``b`` of ``what_b`` on ``m`` test items.
-
-    The gap is called a tie when it is within twice the larger of the standard error of the
-    difference (:func:`se_of_difference`) and ``spread``, a seed-to-seed spread the caller has
-    measured (e.g. half the range of accuracies over seeds); otherwise the better one is "ahead".
-    """
-    margin = verdict_margin(a, b, m, spread)
-    if abs(a - b) <= margin:
-        return f"{what_a} and {what_b} tie ({a:.3f} vs {b:.3f}; the gap is within {margin:.3f})"
-    better, worse = (what_a, what_b) if a > b else (what_b, what_a)
-    return f"{better} is ahead of {worse} ({max(a, b):.3f} vs {min(a, b):.3f}, a gap above {margin:.3f})"
-
-
-def verdict_margin(a: float, b: float, m: int, spread: float = 0.0) -> float:
-    """The gap two accuracies must exceed to be called different: twice the larger of the standard
-    error of their difference on ``m`` items (:func:`se_of_difference`) and a measured ``spread``."""
-    if not spread >= 0:
-        raise ValueError(f"spread must be a number >= 0, got {spread}")
-    return 2 * max(se_of_difference(a, b, m), spread)
-
-
-def verdict_table(rows, m: int, spread: float = 0.0) -> str:
-    """A markdown table of comparisons, one a row: ``| A | B | gap | margin | verdict |``.
-
-    ``rows``: ``(what_a, a, what_b, b)`` or ``(what_a, a, what_b, b, spread)`` (that row's own
-    spread); accuracies measured on the same ``m`` test items. The verdict is the rule of
-    :func:`accuracy_verdict`: a tie within the margin (:func:`verdict_margin`), else the better one
-    is ahead.
-    """
-    lines = ["| A | B | gap (A - B) | margin | verdict |", "| --- | --- | --- | --- | --- |"]
-    for row in rows:
-        if len(row) not in (4, 5):
-            raise ValueError(f"a comparison is (what_a, a, what_b, b) or (what_a, a, what_b, b, spread), got {row!r}")
-        what_a, a, what_b, b = row[:4]
-        margin = verdict_margin(a, b, m, row[4] if len(row) == 5 else spread)
-        verdict = "tie" if abs(a - b) <= margin else f"{what_a if a > b else what_b} ahead"
-        lines.append(f"| {what_a} {a:.3f} | {what_b} {b:.3f} | {a - b:+.3f} | {margin:.3f} | {verdict} |")
     return "\n".join(lines)

@@ -154,18 +154,6 @@ def test_write_metrics_syncs_the_file_before_renaming_it(tmp_path, monkeypatch):
     assert json.loads(path.read_text()) == {"acc": 0.5} and not list(tmp_path.glob("*.tmp"))
 
 
-def test_accuracy_verdicts_by_hand():
-    # 0.8 vs 0.7 on 100 items: se = sqrt(0.16/100 + 0.21/100) = 0.0608..., margin 0.1217: a tie
-    assert mux.se_of_difference(0.8, 0.7, 100) == pytest.approx((0.0016 + 0.0021) ** 0.5)
-    assert mux.accuracy_verdict(0.8, 0.7, "A", "B", 100) == "A and B tie (0.800 vs 0.700; the gap is within 0.122)"
-    # on 1000 items the margin is 0.038: B is ahead, whichever order they are given in
-    assert mux.accuracy_verdict(0.7, 0.8, "A", "B", 1000) == "B is ahead of A (0.800 vs 0.700, a gap above 0.038)"
-    # a measured seed spread larger than the standard error widens the margin
-    assert "tie" in mux.accuracy_verdict(0.7, 0.8, "A", "B", 1000, spread=0.06)
-    with pytest.raises(ValueError, match="accuracies in"):
-        mux.se_of_difference(1.2, 0.5, 10)
-
-
 def test_train_config_takes_the_notebook_budget_and_scale_up_knobs():
     params = {"steps": 30, "lr": 1e-3, "batch_size": 64, "seed": 4, "device": "cpu", "checkpoint_dir": "ck",
               "checkpoint_every": 5, "num_processes": 1, "grad_accum_steps": 2, "num_workers": 0,
@@ -179,16 +167,6 @@ def test_train_config_takes_the_notebook_budget_and_scale_up_knobs():
         mux.train_config(params, "a", steps=3)
     with pytest.raises(ValueError, match="tag"):
         mux.train_config(params, "a/b")
-
-
-def test_verdict_table_calls_a_tie_within_the_margin():
-    table = mux.verdict_table([("A", 0.90, "B", 0.85), ("C", 0.50, "D", 0.51, 0.02)], m=500)
-    rows = table.splitlines()
-    assert rows[2].endswith("| A ahead |") and rows[3].endswith("| tie |")
-    margin = mux.verdict_margin(0.90, 0.85, 500)
-    assert f"{margin:.3f}" in rows[2] and margin == pytest.approx(2 * mux.se_of_difference(0.90, 0.85, 500))
-    with pytest.raises(ValueError, match="comparison"):
-        mux.verdict_table([("A", 0.9)], m=10)
 
 
 def test_declared_parameters_keep_every_annotated_line(tmp_path):
