@@ -271,11 +271,12 @@ def items_needed(target_half_width: float, p: float, *, discordant: float | None
 
 
 def interval_warning(m: int, target_half_width: float, *, p: float = 0.5, discordant: float | None = None,
-                     promised_by: str = "this chapter") -> str | None:
+                     promised_by: str = "the width this chapter promises") -> str | None:
     """A sentence when ``m`` test items are too few for the promised +-``target_half_width``, else None.
 
-    ``p`` is the accuracy you expect (0.5, the default, is the worst case); e.g. "with 80 test items
-    the 95% interval on a difference is about +-0.093, wider than the +-0.03 this chapter promises".
+    ``p`` is the accuracy you expect (0.5, the default, is the worst case); ``promised_by`` says what
+    the target is; e.g. "with 80 test items the 95% interval on a difference is about +-0.093, wider
+    than +-0.03, the width this chapter promises (about 769 items would give it at accuracy 0.9)".
     """
     if not target_half_width > 0:
         raise ValueError(f"target_half_width must be > 0, got {target_half_width}")
@@ -283,9 +284,8 @@ def interval_warning(m: int, target_half_width: float, *, p: float = 0.5, discor
     if width <= target_half_width:
         return None
     need = items_needed(target_half_width, p, discordant=discordant)
-    return (f"with {m} test items the 95% interval on a difference is about \u00b1{width:.2g}, wider than the "
-            f"\u00b1{target_half_width:.2g} {promised_by} promises (about {need} items would give it at "
-            f"accuracy {p:.2g})")
+    return (f"with {m} test items the 95% interval on a difference is about \u00b1{width:.2g}, wider than "
+            f"\u00b1{target_half_width:.2g}, {promised_by} (about {need} items would give it at accuracy {p:.2g})")
 
 
 def _row_difference(row, seed: int, n_boot: int) -> tuple[str, str, PairedDifference]:

@@ -160,7 +160,7 @@ def test_expected_half_width_and_warning():
     assert expected_half_width(0.9, 80, discordant=0.05) == pytest.approx(1.96 * math.sqrt(0.05 / 80), rel=1e-3)
     warning = interval_warning(80, 0.03, p=0.9)
     assert warning.startswith("with 80 test items the 95% interval on a difference is about \u00b10.093, wider than "
-                              "the \u00b10.03 this chapter promises")
+                              "\u00b10.03, the width this chapter promises (about ")
     need = items_needed(0.03, 0.9)
     assert expected_half_width(0.9, need) <= 0.03 < expected_half_width(0.9, need - 1)
     assert interval_warning(need, 0.03, p=0.9) is None
