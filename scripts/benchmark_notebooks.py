@@ -14,9 +14,9 @@ total; it is printed beside, with the kernel's own peak RSS (what a learner's Ju
 
 Sampling must not slow what it measures. RSS is cheap to read (``/proc/<pid>/statm``) and is read every 0.1 s;
 PSS needs ``/proc/<pid>/smaps_rollup``, which walks every page of the process while holding its memory-map
-lock, so an allocation in the notebook's kernel can wait for it; read every 0.1 s, it costs the measured run
-time. PSS is therefore read only when the tree's RSS reaches a new high (PSS <= RSS, and their peaks come
-together), and at least every 2 s.
+lock, so an allocation in the notebook's kernel can wait for it; read every 0.1 s, it may slow the run it
+measures (a cost we reason from the mechanism and have not measured on its own). PSS is therefore read only
+when the tree's RSS reaches a new high (PSS <= RSS, and their peaks come together), and at least every 2 s.
 """
 from __future__ import annotations
 
